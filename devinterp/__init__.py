@@ -1,0 +1,38 @@
+"""devinterp: local learning coefficient (λ̂) estimation and developmental-stage tracking.
+
+Public API (imported lazily, so ``import devinterp`` stays cheap and the estimator never
+imports Lightning):
+
+- :func:`estimate_llc` -> :class:`LLCResult`: localized, tempered SGLD around a checkpoint.
+- :class:`LLCCallback`: a Lightning callback that tracks λ̂ during training.
+- :func:`load_run`: read a run directory (λ̂ table, metrics, stages, snapshots).
+- :mod:`devinterp.theory`: exact learning coefficients of models where theory gives them.
+- :mod:`devinterp.stages`: developmental-stage detection on λ̂ curves.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "estimate_llc": "devinterp.llc",
+    "LLCResult": "devinterp.llc",
+    "merge_results": "devinterp.llc",
+    "AllChainsDivergedError": "devinterp.llc",
+    "LLCCallback": "devinterp.callback",
+    "load_run": "devinterp.store",
+    "Run": "devinterp.store",
+    "RunStore": "devinterp.store",
+    "detect_stages": "devinterp.stages",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'devinterp' has no attribute {name!r}")

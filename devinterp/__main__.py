@@ -1,0 +1,5 @@
+import sys
+
+from devinterp.cli import main
+
+sys.exit(main())

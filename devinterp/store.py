@@ -1,0 +1,296 @@
+"""The run directory: the one source of truth for a run's results on disk.
+
+Layout of a run directory::
+
+    run.json          what rebuilds the run: model import path and init args, data, loss, notes
+    settings.json     sampler settings used for every estimate (nbeta, step size, chains, ...)
+    llc.csv           the λ̂ table, one row per step (``step, llc_mean, llc_std, ...``)
+    metrics.csv       training / validation metrics by step (``step, train_loss, ...``)
+    stages.json       developmental stages found by the stage detector
+    snapshots/        ``step_000000123.pt``: weights only, ``torch.load(weights_only=True)``
+    traces/           ``step_000000123.npy``: per-chain loss traces, shape (chain, draw)
+
+Every write is atomic (temporary file + ``os.replace``), so a reader never sees a partial file,
+and every table write is a read-modify-write under an exclusive file lock, so several processes
+(post-hoc workers, a dashboard reader) can share one run directory. Rows are keyed by ``step``:
+writing a step again replaces its row (idempotent), it never duplicates it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+LLC_FILE = "llc.csv"
+METRICS_FILE = "metrics.csv"
+SETTINGS_FILE = "settings.json"
+RUN_FILE = "run.json"
+STAGES_FILE = "stages.json"
+SNAPSHOT_DIR = "snapshots"
+TRACE_DIR = "traces"
+_LOCK_FILE = ".lock"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return repr(obj)
+
+
+def _clean_json(obj: Any) -> Any:
+    """Replace non-finite floats by None: JSON has no NaN, and browsers reject it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {str(k): _clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_json(v) for v in obj]
+    return obj
+
+
+def snapshot_name(step: int) -> str:
+    """File name of the weight snapshot (and trace) taken at ``step``."""
+    return f"step_{int(step):09d}"
+
+
+class RunStore:
+    """Reads and writes one run directory (see the module docstring for the layout).
+
+    Args:
+        path: the run directory.
+        create: create the directory if missing. Raises ``PermissionError`` naming the path when
+            it cannot be written, so a run fails before training rather than after hours.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
+        self.path = Path(path)
+        if create:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                probe = self.path / ".write_probe"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as e:
+                raise PermissionError(
+                    f"run directory {str(self.path)!r} is not writable ({e.strerror or e}); "
+                    "choose a dirpath you can write to"
+                ) from e
+        elif not self.path.is_dir():
+            raise FileNotFoundError(f"run directory {str(self.path)!r} does not exist")
+
+    # -- locking -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive lock over the run directory's tables (across processes)."""
+        with open(self.path / _LOCK_FILE, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    # -- JSON documents ------------------------------------------------------------------------
+    def write_json(self, name: str, obj: Any) -> None:
+        """Atomically write a JSON document (non-finite floats become null)."""
+        text = json.dumps(_clean_json(obj), indent=2, default=_json_default, allow_nan=False)
+        _atomic_write_bytes(self.path / name, text.encode() + b"\n")
+
+    def read_json(self, name: str, default: Any = None) -> Any:
+        """Read a JSON document, or ``default`` when it does not exist."""
+        p = self.path / name
+        if not p.exists():
+            return default
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON ({e}); restore it or delete it") from e
+
+    def update_json(self, name: str, updates: Mapping[str, Any]) -> dict:
+        """Merge ``updates`` into a JSON object document under the lock; returns the result."""
+        with self.lock():
+            doc = self.read_json(name, {}) or {}
+            doc.update(updates)
+            self.write_json(name, doc)
+        return doc
+
+    # -- step-keyed tables ---------------------------------------------------------------------
+    def read_table(self, name: str) -> pd.DataFrame:
+        """A step-keyed CSV table sorted by step (empty with a ``step`` column if missing)."""
+        p = self.path / name
+        if not p.exists() or p.stat().st_size == 0:
+            return pd.DataFrame({"step": pd.Series([], dtype="int64")})
+        try:
+            df = pd.read_csv(p)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise ValueError(f"{p} is not a readable CSV table ({e})") from e
+        if "step" not in df.columns:
+            raise ValueError(f"{p} has no 'step' column; it is not a devinterp table")
+        df["step"] = df["step"].astype("int64")
+        return df.sort_values("step", kind="stable").reset_index(drop=True)
+
+    def upsert_rows(self, name: str, rows: list[Mapping[str, Any]]) -> None:
+        """Insert or replace rows by ``step`` in a CSV table, atomically and under the lock."""
+        if not rows:
+            return
+        for r in rows:
+            if "step" not in r:
+                raise ValueError("every row needs a 'step' key")
+        new = pd.DataFrame([dict(r) for r in rows])
+        new["step"] = new["step"].astype("int64")
+        new = new.drop_duplicates("step", keep="last")
+        with self.lock():
+            old = self.read_table(name)
+            if len(old):
+                old = old[~old["step"].isin(new["step"])]
+                new = pd.concat([old, new], ignore_index=True) if len(old) else new
+            new = new.sort_values("step", kind="stable").reset_index(drop=True)
+            _atomic_write_bytes(self.path / name, new.to_csv(index=False).encode())
+
+    def write_llc_row(self, row: Mapping[str, Any]) -> None:
+        """Insert or replace the λ̂ row of ``row["step"]``."""
+        self.upsert_rows(LLC_FILE, [row])
+
+    def write_metrics(self, rows: list[Mapping[str, Any]]) -> None:
+        """Insert or replace training-metric rows (merging columns of an existing step)."""
+        if not rows:
+            return
+        with self.lock():
+            old = self.read_table(METRICS_FILE)
+            merged: dict[int, dict[str, Any]] = {}
+            for r in old.to_dict("records"):
+                merged[int(r["step"])] = r
+            for r in rows:
+                step = int(r["step"])
+                cur = merged.setdefault(step, {"step": step})
+                cur.update({k: v for k, v in r.items() if v is not None})
+            df = pd.DataFrame(sorted(merged.values(), key=lambda r: r["step"]))
+            df["step"] = df["step"].astype("int64")
+            _atomic_write_bytes(self.path / METRICS_FILE, df.to_csv(index=False).encode())
+
+    # -- snapshots and traces ------------------------------------------------------------------
+    def snapshot_path(self, step: int) -> Path:
+        return self.path / SNAPSHOT_DIR / f"{snapshot_name(step)}.pt"
+
+    def save_snapshot(self, step: int, state_dict: Mapping[str, Any]) -> Path:
+        """Save weights (tensors only) for ``step``, atomically; returns the file path."""
+        import io
+
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, buf)
+        p = self.snapshot_path(step)
+        _atomic_write_bytes(p, buf.getvalue())
+        return p
+
+    def snapshots(self) -> dict[int, Path]:
+        """Snapshot files by step."""
+        d = self.path / SNAPSHOT_DIR
+        out: dict[int, Path] = {}
+        if d.is_dir():
+            for p in d.glob("step_*.pt"):
+                with contextlib.suppress(ValueError):
+                    out[int(p.stem.split("_", 1)[1])] = p
+        return dict(sorted(out.items()))
+
+    def save_trace(self, step: int, loss_trace: np.ndarray) -> None:
+        """Save the per-chain loss trace of the estimate at ``step``, shape (chain, draw)."""
+        import io
+
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(loss_trace, dtype=np.float32), allow_pickle=False)
+        _atomic_write_bytes(self.path / TRACE_DIR / f"{snapshot_name(step)}.npy", buf.getvalue())
+
+    def load_trace(self, step: int) -> np.ndarray | None:
+        """The loss trace (chain, draw) of the estimate at ``step``, or None."""
+        p = self.path / TRACE_DIR / f"{snapshot_name(step)}.npy"
+        return np.load(p, allow_pickle=False) if p.exists() else None
+
+    def trace_steps(self) -> list[int]:
+        d = self.path / TRACE_DIR
+        if not d.is_dir():
+            return []
+        return sorted(int(p.stem.split("_", 1)[1]) for p in d.glob("step_*.npy"))
+
+
+@dataclass
+class Run:
+    """A run directory read into memory.
+
+    Attributes:
+        path: the run directory.
+        llc: λ̂ table, one row per step, columns ``step, llc_mean, llc_std, ...``.
+        metrics: logged training / validation metrics, one row per step.
+        settings: sampler settings (``settings.json``).
+        meta: what rebuilds the run (``run.json``).
+        stages: stages found by the detector (``stages.json``), a list of dicts.
+        snapshots: weight snapshot files by step.
+    """
+
+    path: Path
+    llc: pd.DataFrame
+    metrics: pd.DataFrame
+    settings: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    stages: list = field(default_factory=list)
+    snapshots: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or self.path.name)
+
+    def trace(self, step: int) -> np.ndarray | None:
+        """Per-chain loss trace (chain, draw) of the estimate at ``step``, if saved."""
+        return RunStore(self.path).load_trace(step)
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read a run directory written by :class:`devinterp.LLCCallback` or ``devinterp run``."""
+    store = RunStore(path)
+    llc = store.read_table(LLC_FILE)
+    for col in ("llc_mean", "llc_std"):
+        if col not in llc.columns:
+            llc[col] = pd.Series(dtype="float64")
+    stages = store.read_json(STAGES_FILE, [])
+    if isinstance(stages, Mapping):
+        stages = stages.get("stages", [])
+    return Run(
+        path=store.path,
+        llc=llc,
+        metrics=store.read_table(METRICS_FILE),
+        settings=store.read_json(SETTINGS_FILE, {}) or {},
+        meta=store.read_json(RUN_FILE, {}) or {},
+        stages=list(stages),
+        snapshots=store.snapshots(),
+    )
