@@ -1,0 +1,626 @@
+"""The page's HTML template, stylesheet and script, kept as strings so a wheel ships them.
+
+The script only lays out the page model (see :mod:`devinterp.dashboard.page`): figures are
+drawn as built in Python, and every string from a run is written with ``textContent``, never
+as HTML. ``window.__dashboard`` reports when the page has drawn (tests and the benchmark wait
+for ``ready``) and how many times it re-rendered after polling.
+"""
+
+PAGE_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="%CSP%">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>%TITLE% · devinterp dashboard</title>
+<style>%STYLE%</style>
+</head>
+<body>
+<header>
+  <div class="topline">
+    <h1 id="title"></h1>
+    <span id="live" class="live" hidden></span>
+  </div>
+  <ul id="runs" class="runs"></ul>
+</header>
+<main>
+  <div id="banner" class="banner" role="status"></div>
+  <div id="notes"></div>
+  <section id="overview">
+    <h2>Loss and λ̂ over training</h2>
+    <p class="hint">Steps are drawn as step + 1 on a log axis. Shaded bands are the developmental
+      stages: <span class="chip stage-A">A</span> λ̂ rises, <span class="chip stage-B">B</span>
+      λ̂ falls. Red rings mark estimates with a diagnostic warning. Click a λ̂ point to see its
+      chains.</p>
+    <div id="fig-main" class="plot"></div>
+  </section>
+  <section id="stages">
+    <h2>Stages</h2>
+    <div id="stage-table"></div>
+  </section>
+  <section id="traces">
+    <h2>Chain loss traces</h2>
+    <div class="controls">
+      <label id="trace-run-label" hidden>run <select id="trace-run"></select></label>
+      <label>checkpoint <select id="trace-step"></select></label>
+      <span id="trace-caption" class="muted"></span>
+    </div>
+    <div id="fig-trace" class="plot"></div>
+  </section>
+  <section id="diagnostics">
+    <h2>Sampler diagnostics</h2>
+    <div id="flag-table"></div>
+    <div id="fig-diag" class="plot"></div>
+    <details id="llc-details">
+      <summary>All λ̂ rows (llc.csv)</summary>
+      <div id="llc-table" class="scroll"></div>
+    </details>
+  </section>
+  <section id="settings">
+    <h2>Sampler settings</h2>
+    <div id="settings-table"></div>
+    <details id="config-details">
+      <summary>Run configuration (run.json)</summary>
+      <div id="config-table"></div>
+    </details>
+  </section>
+</main>
+<footer id="footer"></footer>
+<noscript><p class="banner bad">This dashboard needs JavaScript to draw its figures.</p></noscript>
+<script type="application/json" id="dashboard-config">%CONFIG%</script>
+<script type="application/json" id="dashboard-data">%DATA%</script>
+%PLOTLY%
+<script>%SCRIPT%</script>
+</body>
+</html>
+"""
+
+INDEX_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="%CSP%">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Runs · devinterp dashboard</title>
+<style>%STYLE%</style>
+</head>
+<body>
+<header>
+  <div class="topline"><h1>Runs</h1><span id="live" class="live" hidden></span></div>
+  <p class="muted">Every folder holding an <code>llc.csv</code> under <code id="root"></code>.
+    Open a run, or tick several and compare them.</p>
+</header>
+<main>
+  <section>
+    <div class="controls"><button id="compare" type="button" disabled>Compare selected</button>
+      <span id="count" class="muted"></span></div>
+    <div id="run-table"></div>
+  </section>
+</main>
+<script type="application/json" id="dashboard-config">%CONFIG%</script>
+<script type="application/json" id="dashboard-data">%DATA%</script>
+<script>%SCRIPT%</script>
+</body>
+</html>
+"""
+
+STYLE = """
+:root { --fg: #1d1d1f; --muted: #666; --line: #e3e3e3; --bad: #c62828; --bad-bg: #fdecea;
+  --ok: #2e7d32; --ok-bg: #edf7ee; --warn-bg: #fff4e5; --A: #2ca02c; --B: #ff7f0e; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--fg); background: #f6f7f9;
+  font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
+header, main, footer { max-width: 1240px; margin: 0 auto; padding: 0 20px; }
+header { padding-top: 18px; }
+.topline { display: flex; align-items: baseline; gap: 14px; flex-wrap: wrap; }
+h1 { font-size: 22px; margin: 0; overflow-wrap: anywhere; }
+h2 { font-size: 16px; margin: 0 0 8px; }
+section { background: #fff; border: 1px solid var(--line); border-radius: 8px;
+  padding: 14px 16px; margin: 14px 0; }
+.runs { list-style: none; padding: 0; margin: 8px 0 0; display: flex; flex-direction: column;
+  gap: 2px; }
+.runs li { display: flex; gap: 8px; align-items: baseline; flex-wrap: wrap; }
+.run-name { font-weight: 600; overflow-wrap: anywhere; }
+.swatch { display: inline-block; width: 12px; height: 12px; border-radius: 3px;
+  flex: none; align-self: center; }
+.path { color: var(--muted); font-size: 12px; overflow-wrap: anywhere; }
+.muted { color: var(--muted); }
+.hint { color: var(--muted); margin: 0 0 6px; font-size: 13px; }
+.live { font-size: 12px; padding: 2px 8px; border-radius: 10px; }
+.live.ok { background: var(--ok-bg); color: var(--ok); }
+.live.bad { background: var(--bad-bg); color: var(--bad); }
+.banner { border-radius: 8px; padding: 10px 14px; margin: 14px 0 0; }
+.banner.ok { background: var(--ok-bg); color: var(--ok); border: 1px solid #c8e6c9; }
+.banner.bad { background: var(--bad-bg); color: #7f1d1d; border: 1px solid #f5c2c0; }
+.banner ul { margin: 6px 0; padding-left: 20px; }
+.note { background: var(--warn-bg); border: 1px solid #ffd8a8; border-radius: 8px;
+  padding: 8px 14px; margin: 10px 0 0; }
+.plot { width: 100%; }
+.controls { display: flex; gap: 14px; align-items: center; flex-wrap: wrap; margin: 0 0 8px; }
+select, button { font: inherit; padding: 3px 6px; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left;
+  vertical-align: top; }
+th { background: #fafafa; font-weight: 600; position: sticky; top: 0; }
+td { font-variant-numeric: tabular-nums; overflow-wrap: anywhere; max-width: 520px; }
+tr.differs td { background: var(--warn-bg); }
+td.flagged { background: var(--bad-bg); color: var(--bad); font-weight: 600; }
+.chip { display: inline-block; padding: 0 6px; border-radius: 4px; font-weight: 600;
+  color: #fff; }
+.stage-A { background: var(--A); color: #fff; }
+.stage-B { background: var(--B); color: #fff; }
+td.stage-A, td.stage-B { text-align: center; }
+.scroll { max-height: 480px; overflow: auto; margin-top: 8px; }
+details { margin-top: 10px; }
+summary { cursor: pointer; color: #333; }
+.empty { color: var(--muted); font-style: italic; margin: 4px 0; }
+footer { color: var(--muted); font-size: 12px; padding-bottom: 24px; }
+a { color: #1565c0; }
+"""
+
+SCRIPT = r"""
+(function () {
+  "use strict";
+  var status = window.__dashboard = {ready: false, drawnAt: null, renders: 0, polls: 0,
+                                     error: null};
+  var config = JSON.parse(document.getElementById("dashboard-config").textContent);
+  var page = JSON.parse(document.getElementById("dashboard-data").textContent);
+  var PLOT_CONFIG = {displaylogo: false, responsive: true,
+    modeBarButtonsToRemove: ["select2d", "lasso2d", "autoScale2d"],
+    toImageButtonOptions: {format: "png", scale: 2, filename: "devinterp-dashboard"}};
+  var CHAIN_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2",
+                      "#ff9da6", "#9d755d", "#bab0ac", "#eeca3b"];
+  var traceState = {run: 0, step: null};
+  var traceCache = {};
+  var traceRequest = 0;
+  var llcTableStale = true;
+
+  function byId(id) { return document.getElementById(id); }
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+  function fmt(x) { return x === null || x === undefined ? "—" : Number(x).toPrecision(4); }
+  function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+
+  function makeTable(columns, rows, opts) {
+    opts = opts || {};
+    var table = el("table");
+    var head = el("tr");
+    columns.forEach(function (c, k) {
+      var th = el("th", "", c);
+      if (opts.hints && opts.hints[k]) th.title = opts.hints[k];
+      head.appendChild(th);
+    });
+    var thead = el("thead");
+    thead.appendChild(head);
+    table.appendChild(thead);
+    var body = el("tbody");
+    rows.forEach(function (row, r) {
+      var tr = el("tr", opts.rowClass ? opts.rowClass(r) : "");
+      row.forEach(function (cell, k) {
+        tr.appendChild(el("td", opts.cellClass ? opts.cellClass(r, k, cell) : "", cell));
+      });
+      if (opts.extra) tr.appendChild(opts.extra(r));
+      body.appendChild(tr);
+    });
+    table.appendChild(body);
+    return table;
+  }
+  function empty(text) { return el("p", "empty", text); }
+
+  function renderHeader() {
+    byId("title").textContent = page.title;
+    document.title = page.title + " · devinterp dashboard";
+    var list = byId("runs");
+    clear(list);
+    page.runs.forEach(function (run) {
+      var li = el("li");
+      if (page.runs.length > 1) {
+        var swatch = el("span", "swatch");
+        swatch.style.background = run.color;
+        li.appendChild(swatch);
+        li.appendChild(el("span", "run-name", run.name));
+      }
+      var facts = plural(run.points, "λ̂ point") +
+        (run.last_step !== null ? ", last at step " + run.last_step : "") +
+        ", " + plural(run.stages, "stage");
+      li.appendChild(el("span", "muted", facts));
+      li.appendChild(el("code", "path", run.path));
+      list.appendChild(li);
+    });
+    byId("footer").textContent = "devinterp dashboard · generated " + page.generated +
+      (config.live ? " · served live" : " · self-contained file, no network needed");
+  }
+
+  function renderBanner() {
+    var box = byId("banner");
+    clear(box);
+    var summary = page.diagnostics.summary;
+    var anyRows = page.runs.some(function (r) { return r.points > 0; });
+    if (!summary.length) {
+      box.className = "banner ok";
+      box.textContent = anyRows ?
+        "Sampler diagnostics look healthy: no estimate was flagged." :
+        "No λ̂ estimates yet.";
+      return;
+    }
+    box.className = "banner bad";
+    box.appendChild(el("strong", "", "Sampler diagnostics need attention"));
+    var ul = el("ul");
+    summary.forEach(function (s) {
+      var li = el("li");
+      li.appendChild(el("b", "", (page.runs.length > 1 ? s.name + ": " : "") + s.what));
+      li.appendChild(document.createTextNode(
+        " at " + plural(s.count, "checkpoint") + " (step " + s.steps.join(", ") +
+        (s.count > s.steps.length ? ", …" : "") + "): " + s.why));
+      ul.appendChild(li);
+    });
+    box.appendChild(ul);
+    var link = el("a", "", "See the diagnostics");
+    link.href = "#diagnostics";
+    box.appendChild(link);
+  }
+
+  function renderNotes() {
+    var box = byId("notes");
+    clear(box);
+    page.notes.forEach(function (n) { box.appendChild(el("div", "note", n)); });
+  }
+
+  function renderStages() {
+    var box = byId("stage-table");
+    clear(box);
+    var t = page.stages;
+    if (!t.rows.length) {
+      box.appendChild(empty("No stages detected yet: run `devinterp stages RUN_DIR`."));
+      return;
+    }
+    box.appendChild(makeTable(t.columns, t.rows, {cellClass: function (r, k, cell) {
+      return k === t.type_column && (cell === "A" || cell === "B") ? "stage-" + cell : "";
+    }}));
+  }
+
+  function renderFlags() {
+    var box = byId("flag-table");
+    clear(box);
+    var d = page.diagnostics;
+    if (!d.flags.length) {
+      box.appendChild(empty(page.runs.some(function (r) { return r.points > 0; }) ?
+        "No flagged estimates." : "No λ̂ estimates yet."));
+      return;
+    }
+    var multi = page.runs.length > 1;
+    var columns = (multi ? ["run"] : []).concat(["step", "problem", "value", "why", ""]);
+    var rows = d.flags.map(function (f) {
+      return (multi ? [page.runs[f.run].name] : []).concat(
+        [String(f.step), f.what, f.value, f.why]);
+    });
+    box.appendChild(makeTable(columns, rows, {
+      cellClass: function (r, k) { return k === (multi ? 3 : 2) ? "flagged" : ""; },
+      extra: function (r) {
+        var f = d.flags[r], td = el("td");
+        if (page.runs[f.run].trace_steps.indexOf(f.step) >= 0) {
+          var b = el("button", "", "chains");
+          b.type = "button";
+          b.addEventListener("click", function () { selectTrace(f.run, f.step, true); });
+          td.appendChild(b);
+        }
+        return td;
+      }}));
+    if (d.more_flags) box.appendChild(el("p", "muted", "… and " + d.more_flags + " more"));
+  }
+
+  function renderLlcTable() {
+    var box = byId("llc-table");
+    clear(box);
+    var t = page.diagnostics.table;
+    if (!t.rows.length) { box.appendChild(empty("llc.csv has no rows yet.")); return; }
+    var flagged = {};
+    t.flagged.forEach(function (rc) { flagged[rc[0] + ":" + rc[1]] = true; });
+    box.appendChild(makeTable(t.columns, t.rows, {hints: t.hints,
+      cellClass: function (r, k) { return flagged[r + ":" + k] ? "flagged" : ""; }}));
+    llcTableStale = false;
+  }
+
+  function renderKeyValues(boxId, t, what) {
+    var box = byId(boxId);
+    clear(box);
+    if (!t.rows.length) { box.appendChild(empty("No " + what + " recorded.")); return; }
+    var single = t.columns.length === 2;
+    var columns = single ? ["setting", "value"] : t.columns;
+    box.appendChild(makeTable(columns, t.rows, {rowClass: function (r) {
+      return !single && t.differs[r] ? "differs" : "";
+    }}));
+  }
+
+  function loadTrace(run, step) {
+    var embedded = page.traces[run.ref];
+    if (embedded && embedded[String(step)]) return Promise.resolve(embedded[String(step)]);
+    if (!config.trace_url) return Promise.resolve(null);
+    var key = run.ref + "@" + step + "@" + page.signature;
+    if (traceCache[key]) return Promise.resolve(traceCache[key]);
+    var url = config.trace_url + "?run=" + encodeURIComponent(run.ref) + "&step=" + step;
+    return fetch(url, {cache: "no-store"}).then(function (r) {
+      return r.ok ? r.json() : null;
+    }).then(function (payload) { if (payload) traceCache[key] = payload; return payload; });
+  }
+
+  function traceFigure(payload) {
+    var data = payload.chains.map(function (ys, c) {
+      return {type: "scatter", mode: "lines", y: ys,
+        x: ys.map(function (_, i) { return i * payload.stride; }),
+        name: "chain " + c, line: {width: 1, color: CHAIN_COLORS[c % CHAIN_COLORS.length]},
+        hovertemplate: "draw %{x}<br>loss %{y:.5g}<extra>chain " + c + "</extra>",
+        meta: {kind: "chain", chain: c}};
+    });
+    if (payload.baseline !== null) {
+      data.push({type: "scatter", mode: "lines", x: [0, Math.max(payload.draws - 1, 1)],
+        y: [payload.baseline, payload.baseline], name: "L(w*) baseline",
+        line: {color: "#000", width: 1.5, dash: "dash"}, hoverinfo: "y",
+        meta: {kind: "baseline"}});
+    }
+    return {data: data, layout: {
+      height: 340, margin: {l: 72, r: 24, t: 30, b: 48}, uirevision: "trace",
+      font: {family: "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", size: 12},
+      plot_bgcolor: "white", paper_bgcolor: "white",
+      legend: {orientation: "h", x: 0, y: 1.0, yanchor: "bottom"},
+      xaxis: {title: {text: "SGLD draw"}, gridcolor: "#e6e6e6", zeroline: false},
+      yaxis: {title: {text: "minibatch loss"}, gridcolor: "#e6e6e6"}}};
+  }
+
+  function showTrace() {
+    var run = page.runs[traceState.run];
+    var caption = byId("trace-caption"), fig = byId("fig-trace");
+    var step = traceState.step;
+    var request = ++traceRequest;
+    if (step === null) {
+      caption.textContent = "No loss traces saved for this run.";
+      Plotly.purge(fig);
+      return Promise.resolve();
+    }
+    return loadTrace(run, step).then(function (payload) {
+      if (request !== traceRequest) return null;
+      if (!payload) {
+        caption.textContent = "No loss trace saved for step " + step + ".";
+        Plotly.purge(fig);
+        return null;
+      }
+      caption.textContent = "λ̂ = " + fmt(payload.llc) +
+        (payload.llc_std !== null ? " ± " + fmt(payload.llc_std) : "") + " · " +
+        plural(payload.chains.length, "chain") + " × " + payload.draws + " draws" +
+        (payload.stride > 1 ? " (every " + payload.stride + "th draw drawn)" : "");
+      var f = traceFigure(payload);
+      return Plotly.react(fig, f.data, f.layout, PLOT_CONFIG);
+    });
+  }
+
+  function renderTraceControls() {
+    var runSelect = byId("trace-run"), stepSelect = byId("trace-step");
+    byId("trace-run-label").hidden = page.runs.length < 2;
+    clear(runSelect);
+    page.runs.forEach(function (run, i) {
+      var o = el("option", "", run.name);
+      o.value = String(i);
+      runSelect.appendChild(o);
+    });
+    if (traceState.run >= page.runs.length) traceState.run = 0;
+    runSelect.value = String(traceState.run);
+    var run = page.runs[traceState.run];
+    var steps = run.trace_steps;
+    if (steps.indexOf(traceState.step) < 0) {
+      traceState.step = steps.length ? steps[steps.length - 1] : null;
+    }
+    clear(stepSelect);
+    steps.forEach(function (s) {
+      var bad = run.flagged_steps.indexOf(s) >= 0;
+      var o = el("option", "", "step " + s + (bad ? "  ⚠ flagged" : ""));
+      o.value = String(s);
+      stepSelect.appendChild(o);
+    });
+    stepSelect.disabled = !steps.length;
+    if (traceState.step !== null) stepSelect.value = String(traceState.step);
+    return showTrace();
+  }
+
+  function selectTrace(runIndex, step, scroll) {
+    var steps = page.runs[runIndex].trace_steps;
+    if (!steps.length) return;
+    var best = steps[0];
+    steps.forEach(function (s) { if (Math.abs(s - step) < Math.abs(best - step)) best = s; });
+    traceState = {run: runIndex, step: best};
+    renderTraceControls();
+    if (scroll) byId("traces").scrollIntoView({behavior: "smooth", block: "start"});
+  }
+
+  function onPlotClick(ev) {
+    var p = ev.points && ev.points[0];
+    if (!p || !p.data.meta) return;
+    var kind = p.data.meta.kind;
+    if (kind === "flag" || kind === "diagnostic-flag") {
+      selectTrace(p.customdata[0], p.customdata[1], true);
+    } else if (kind === "llc" || kind === "loss" || kind === "diagnostic") {
+      selectTrace(p.data.meta.run, p.customdata, true);
+    }
+  }
+
+  function listenForClicks(id) {
+    var gd = byId(id);
+    if (gd.on && !gd.__dashboardClicks) {
+      gd.on("plotly_click", onPlotClick);
+      gd.__dashboardClicks = true;
+    }
+  }
+
+  function render() {
+    status.renders += 1;
+    renderHeader();
+    renderBanner();
+    renderNotes();
+    renderStages();
+    renderFlags();
+    renderKeyValues("settings-table", page.settings, "sampler settings (settings.json)");
+    renderKeyValues("config-table", page.config, "run configuration (run.json)");
+    if (byId("llc-details").open) renderLlcTable(); else llcTableStale = true;
+    var jobs = [Plotly.react("fig-main", page.main.data, page.main.layout, PLOT_CONFIG)];
+    var diag = page.diagnostics.figure;
+    if (diag) {
+      jobs.push(Plotly.react("fig-diag", diag.data, diag.layout, PLOT_CONFIG));
+    } else {
+      Plotly.purge("fig-diag");
+    }
+    jobs.push(renderTraceControls());
+    return Promise.all(jobs).then(function () {
+      listenForClicks("fig-main");
+      if (diag) listenForClicks("fig-diag");
+    });
+  }
+
+  function setLive(text, ok) {
+    var badge = byId("live");
+    badge.hidden = false;
+    badge.className = "live " + (ok ? "ok" : "bad");
+    badge.textContent = text;
+  }
+
+  function poll() {
+    status.polls += 1;
+    fetch(config.page_url, {cache: "no-store"}).then(function (r) {
+      return r.json().then(function (body) {
+        if (!r.ok) throw new Error(body.error || "HTTP " + r.status);
+        return body;
+      });
+    }).then(function (next) {
+      setLive("live · checked " + new Date().toLocaleTimeString(), true);
+      if (next.signature !== page.signature) { page = next; return render(); }
+      return null;
+    }).catch(function (err) {
+      setLive("live · " + err.message + " · retrying", false);
+    }).then(function () { setTimeout(poll, config.poll_ms); });
+  }
+
+  byId("trace-run").addEventListener("change", function (ev) {
+    traceState = {run: Number(ev.target.value), step: null};
+    renderTraceControls();
+  });
+  byId("trace-step").addEventListener("change", function (ev) {
+    traceState.step = Number(ev.target.value);
+    showTrace();
+  });
+  byId("llc-details").addEventListener("toggle", function () {
+    if (byId("llc-details").open && llcTableStale) renderLlcTable();
+  });
+
+  render().then(function () {
+    status.drawnAt = performance.now();
+    status.ready = true;
+    if (config.live) {
+      setLive("live · checking every " + config.poll_ms / 1000 + " s", true);
+      setTimeout(poll, config.poll_ms);
+    }
+  }).catch(function (err) {
+    status.error = String(err);
+    console.error(err);
+  });
+})();
+"""
+
+INDEX_SCRIPT = r"""
+(function () {
+  "use strict";
+  var status = window.__dashboard = {ready: false, polls: 0};
+  var config = JSON.parse(document.getElementById("dashboard-config").textContent);
+  var runs = JSON.parse(document.getElementById("dashboard-data").textContent);
+  var selected = {};
+
+  function byId(id) { return document.getElementById(id); }
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+  function encodePath(ref) { return ref.split("/").map(encodeURIComponent).join("/"); }
+
+  function updateCompare() {
+    var refs = Object.keys(selected).filter(function (k) { return selected[k]; });
+    byId("compare").disabled = refs.length < 2;
+    byId("count").textContent = refs.length ? refs.length + " selected" : "";
+    return refs;
+  }
+
+  function render() {
+    byId("root").textContent = config.root;
+    var box = byId("run-table");
+    while (box.firstChild) box.removeChild(box.firstChild);
+    if (!runs.length) {
+      box.appendChild(el("p", "empty", "No runs yet: waiting for a folder with an llc.csv."));
+      return;
+    }
+    var table = el("table"), head = el("tr");
+    ["", "run", "folder", "λ̂ points", "last step", "stages", "flagged", "updated"].forEach(
+      function (c) { head.appendChild(el("th", "", c)); });
+    var thead = el("thead");
+    thead.appendChild(head);
+    table.appendChild(thead);
+    var body = el("tbody");
+    runs.forEach(function (run) {
+      var tr = el("tr"), pick = el("input"), cell = el("td"), link = el("a", "", run.name);
+      pick.type = "checkbox";
+      pick.checked = !!selected[run.ref];
+      pick.addEventListener("change", function () {
+        selected[run.ref] = pick.checked;
+        updateCompare();
+      });
+      cell.appendChild(pick);
+      tr.appendChild(cell);
+      link.href = "/run/" + encodePath(run.ref);
+      var name = el("td");
+      name.appendChild(link);
+      tr.appendChild(name);
+      tr.appendChild(el("td", "path", run.ref));
+      tr.appendChild(el("td", "", run.points));
+      tr.appendChild(el("td", "", run.last_step === null ? "—" : run.last_step));
+      tr.appendChild(el("td", "", run.stages));
+      tr.appendChild(el("td", run.flagged ? "flagged" : "", run.flagged));
+      tr.appendChild(el("td", "muted", run.modified));
+      body.appendChild(tr);
+    });
+    table.appendChild(body);
+    box.appendChild(table);
+    updateCompare();
+  }
+
+  function poll() {
+    status.polls += 1;
+    fetch(config.runs_url, {cache: "no-store"}).then(function (r) {
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.json();
+    }).then(function (next) {
+      var badge = byId("live");
+      badge.hidden = false;
+      badge.className = "live ok";
+      badge.textContent = "live · checked " + new Date().toLocaleTimeString();
+      if (JSON.stringify(next) !== JSON.stringify(runs)) { runs = next; render(); }
+    }).catch(function (err) {
+      var badge = byId("live");
+      badge.hidden = false;
+      badge.className = "live bad";
+      badge.textContent = "live · " + err.message + " · retrying";
+    }).then(function () { setTimeout(poll, config.poll_ms); });
+  }
+
+  byId("compare").addEventListener("click", function () {
+    var refs = updateCompare();
+    window.location.href = "/compare?" + refs.map(function (r) {
+      return "run=" + encodeURIComponent(r);
+    }).join("&");
+  });
+  render();
+  status.ready = true;
+  setTimeout(poll, config.poll_ms);
+})();
+"""

@@ -1,0 +1,559 @@
+"""Plotly figures (plain ``{"data": [...], "layout": {...}}`` dicts) built from loaded runs.
+
+Figures are built here, in Python, so the browser only draws them and every figure can be
+unit-tested without a browser. Two rules hold for everything below:
+
+- Steps are plotted as ``step + 1`` on log axes: the snapshot at initialization is step 0, and
+  ``log(0)`` would send a stage band that starts at 0 (and the first λ̂ point) to minus infinity.
+  Hover labels show the true step. This is the same ``log(step + 1)`` the stage detector uses.
+- Plotly reads HTML-like markup (``<b>``, ``<a href>``, entities) in every text it draws, so each
+  string that comes from a run (names, column names, warnings) goes through :func:`plot_text`.
+
+Every trace carries ``meta = {"kind": ..., "run": index}`` and every shape a ``name`` such as
+``"stage:0:2"``, so tests (and the page's click handler) can find them without parsing labels.
+"""
+
+from __future__ import annotations
+
+import ast
+import html
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from devinterp.store import Run
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+STAGE_COLORS = {"A": "#2ca02c", "B": "#ff7f0e"}
+STAGE_OTHER_COLOR = "#7f7f7f"
+FLAG_COLOR = "#d62728"
+LOSS_COLOR = "#555555"
+DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
+FONT = {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", "size": 12,
+        "color": "#222"}
+GRID = "#e6e6e6"
+STEP_AXIS_TITLE = "training step + 1 (log scale)"
+HOVER = "step %{customdata}<br>%{y:.4g}<extra>%{fullData.name}</extra>"
+#: λ̂ columns that are the estimate itself, not diagnostics.
+ESTIMATE_COLUMNS = ("step", "llc_mean", "llc_std")
+
+
+def plot_text(value: Any) -> str:
+    """``value`` as text that Plotly shows literally (its markup and entities escaped)."""
+    return html.escape(str(value), quote=False)
+
+
+def step_x(steps: Any) -> list[int]:
+    """Log-axis x coordinates of training steps: ``step + 1`` (see the module docstring)."""
+    return [int(s) + 1 for s in np.asarray(steps, dtype=np.int64).tolist()]
+
+
+def numbers(values: Any, digits: int = 6) -> list[float | None]:
+    """Floats rounded to ``digits`` significant digits for JSON; NaN and inf become None."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    return [float(f"{v:.{digits}g}") if math.isfinite(v) else None for v in arr.tolist()]
+
+
+def run_color(index: int, n_runs: int) -> str:
+    """The colour of run ``index``: blue for a lone run, the palette in a comparison."""
+    return PALETTE[0] if n_runs == 1 else PALETTE[index % len(PALETTE)]
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Health of each λ̂ estimate
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HealthRule:
+    """A diagnostic column and the range outside which an estimate is flagged.
+
+    The thresholds match the estimator's own warnings (``devinterp.llc``) where it has one.
+    """
+
+    column: str
+    label: str
+    low: float | None
+    high: float | None
+    why: str
+
+    def violated(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        return (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high)
+
+    @property
+    def bound_text(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"< {self.low:g}")
+        if self.high is not None:
+            parts.append(f"> {self.high:g}")
+        return "flagged if " + " or ".join(parts)
+
+
+HEALTH_RULES: tuple[HealthRule, ...] = (
+    HealthRule("llc_mean", "negative λ̂", 0.0, None,
+               "λ̂ < 0: draws fall below the loss at w*, so w* is probably not a local minimum"),
+    HealthRule("num_diverged", "diverged chains", None, 0.0,
+               "chains diverged and were left out of λ̂: use a smaller step_size"),
+    HealthRule("rhat", "R-hat", None, 1.1,
+               "split R-hat > 1.1: the chains disagree or have not mixed; use more draws"),
+    HealthRule("mala_acceptance", "MALA acceptance", 0.5, None,
+               "MALA acceptance < 0.5 (healthy is ~0.9): the step size is too large and "
+               "inflates λ̂"),
+    HealthRule("ess", "ESS", 100.0, None,
+               "fewer than 100 effective draws: λ̂'s error bar is unreliable; run more draws"),
+    HealthRule("frac_below_baseline", "draws below baseline", None, 0.3,
+               "over 30% of draws have a loss below L(w*): the sampler may still be optimizing"),
+    HealthRule("drift", "λ̂ trace drift", -4.0, 4.0,
+               "the λ̂ trace still drifts between its halves: increase num_burnin"),
+)
+_RULES = {r.column: r for r in HEALTH_RULES}
+NOT_FINITE_WHY = "λ̂ is not finite: the chains diverged or the loss at w* is not finite"
+
+
+def column_key(column: str) -> str:
+    """The diagnostic a column holds, ignoring a logger prefix (``llc/rhat`` -> ``rhat``)."""
+    return column.replace(".", "/").split("/")[-1]
+
+
+def rule_for(column: str) -> HealthRule | None:
+    """The health rule of a λ̂-table column, if it has one."""
+    return _RULES.get(column_key(column))
+
+
+def parse_warnings(cell: Any) -> list[str]:
+    """The estimator's warnings stored in one table cell (a list written as JSON or repr)."""
+    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+        return []
+    if isinstance(cell, (list, tuple)):
+        return [str(w) for w in cell if str(w).strip()]
+    text = str(cell).strip()
+    if text in ("", "[]", "nan", "None"):
+        return []
+    if text.startswith("["):
+        for parse in (json.loads, ast.literal_eval):
+            try:
+                value = parse(text)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                continue
+            if isinstance(value, list):
+                return [str(w) for w in value if str(w).strip()]
+    return [text]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One problem with the λ̂ estimate of one run at one step."""
+
+    run: int
+    step: int
+    column: str
+    value: str
+    why: str
+
+
+def _is_numeric(series: pd.Series) -> bool:
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+def warning_columns(llc: pd.DataFrame) -> list[str]:
+    return [c for c in llc.columns if column_key(c) == "warnings"]
+
+
+def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
+    """Every flagged value of a λ̂ table: health-rule violations and the estimator's warnings."""
+    flags: list[Flag] = []
+    steps = llc["step"].to_numpy(dtype=np.int64)
+    for col in llc.columns:
+        rule = rule_for(col)
+        if rule is not None and _is_numeric(llc[col]):
+            values = llc[col].to_numpy(dtype=np.float64)
+            for step, v in zip(steps.tolist(), values.tolist(), strict=True):
+                if rule.violated(v):
+                    flags.append(Flag(run_index, step, col, f"{v:.4g}", rule.why))
+                elif rule.column == "llc_mean" and not math.isfinite(v):
+                    flags.append(Flag(run_index, step, col, f"{v}", NOT_FINITE_WHY))
+    for col in warning_columns(llc):
+        for step, cell in zip(steps.tolist(), llc[col].tolist(), strict=True):
+            for text in parse_warnings(cell):
+                flags.append(Flag(run_index, step, col, "", text))
+    flags.sort(key=lambda f: (f.step, f.column))
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared axis helpers
+# ----------------------------------------------------------------------------------------------
+def loss_columns(metrics: pd.DataFrame) -> list[str]:
+    """Metric columns that hold a loss, training losses first."""
+    cols = [c for c in metrics.columns if c != "step" and "loss" in c.lower()
+            and _is_numeric(metrics[c])]
+    return sorted(cols, key=lambda c: (0 if "train" in c.lower() else 1, c))
+
+
+def step_range(runs: Sequence[Run]) -> tuple[int, int] | None:
+    """Smallest and largest plotted ``step + 1`` over the λ̂ and loss rows of ``runs``."""
+    xs: list[int] = []
+    for run in runs:
+        for df in (run.llc, run.metrics):
+            if len(df):
+                xs += [int(df["step"].min()) + 1, int(df["step"].max()) + 1]
+    return (min(xs), max(xs)) if xs else None
+
+
+def log_range(span: tuple[int, int] | None) -> list[float]:
+    """A padded log10 axis range covering ``span`` (Plotly log ranges are in log10 units)."""
+    if span is None:
+        return [0.0, 1.0]
+    lo, hi = math.log10(max(span[0], 1)), math.log10(max(span[1], 1))
+    pad = 0.03 * (hi - lo) if hi > lo else 0.25
+    return [round(lo - pad, 4), round(hi + pad, 4)]
+
+
+def _step_axis(range_: list[float], **extra: Any) -> dict:
+    return {"type": "log", "range": range_, "exponentformat": "SI", "gridcolor": GRID,
+            "linecolor": "#999", "ticks": "outside", "ticklen": 4, **extra}
+
+
+def _value_axis(**extra: Any) -> dict:
+    return {"gridcolor": GRID, "linecolor": "#999", "zerolinecolor": "#bbb", "ticks": "outside",
+            "ticklen": 4, **extra}
+
+
+def _base_layout(height: int) -> dict:
+    return {"height": height, "margin": {"l": 72, "r": 24, "t": 36, "b": 48},
+            "hovermode": "closest", "uirevision": "keep", "font": FONT,
+            "plot_bgcolor": "white", "paper_bgcolor": "white",
+            "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.0,
+                       "yanchor": "bottom", "bgcolor": "rgba(255,255,255,0)",
+                       "traceorder": "normal"}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss and λ̂ over training, with stages
+# ----------------------------------------------------------------------------------------------
+def _stage_bounds(stage: dict, lo: int, hi: int) -> tuple[int, int] | None:
+    """A stage's plotted ``[step + 1, step + 1]`` clipped to the data, or None if not drawable."""
+    try:
+        x0, x1 = int(stage["start_step"]) + 1, int(stage["end_step"]) + 1
+    except (KeyError, TypeError, ValueError):
+        return None
+    x0, x1 = max(min(x0, x1), lo), min(max(x0, x1), hi)
+    return (x0, x1) if x1 > x0 else None
+
+
+def stage_label(stage: dict, wide: bool = True) -> str:
+    """``A  Δλ̂ +26.4`` (or just the type when the band is narrow)."""
+    kind = str(stage.get("type", "?"))
+    change = stage.get("llc_change")
+    if wide and isinstance(change, (int, float)) and math.isfinite(change):
+        return f"{kind}  Δλ̂ {change:+.3g}"
+    return kind
+
+
+def _stage_shapes(run: Run, run_index: int, lo: int, hi: int, axis_span: float,
+                  *, xref: str, yref: str, y0: float, y1: float, opacity: float) -> list[dict]:
+    shapes = []
+    for k, stage in enumerate(run.stages):
+        if not isinstance(stage, dict):
+            continue
+        bounds = _stage_bounds(stage, lo, hi)
+        if bounds is None:
+            continue
+        kind = str(stage.get("type", ""))
+        width = (math.log10(bounds[1]) - math.log10(bounds[0])) / max(axis_span, 1e-9)
+        text = "" if width < 0.03 else plot_text(stage_label(stage, wide=width > 0.09))
+        shapes.append({
+            "type": "rect", "name": f"stage:{run_index}:{k}", "layer": "below",
+            "xref": xref, "yref": yref, "x0": bounds[0], "x1": bounds[1], "y0": y0, "y1": y1,
+            # Neighbouring stages of one type alternate in strength so their edge shows.
+            "fillcolor": STAGE_COLORS.get(kind, STAGE_OTHER_COLOR),
+            "opacity": opacity * (1.0 if k % 2 == 0 else 0.6),
+            "line": {"width": 1, "color": "rgba(0,0,0,0.25)"},
+            "label": {"text": text, "textposition": "top center",
+                      "font": {"size": 11, "color": "#333"}},
+        })
+    return shapes
+
+
+def _stage_hover_trace(run: Run, run_index: int, name: str, lo: int, hi: int) -> dict | None:
+    """Invisible markers at the middle of each stage lane so a hover tells the stage."""
+    xs, texts = [], []
+    for k, stage in enumerate(run.stages):
+        bounds = _stage_bounds(stage, lo, hi) if isinstance(stage, dict) else None
+        if bounds is None:
+            continue
+        xs.append(math.sqrt(bounds[0] * bounds[1]))
+        texts.append(plot_text(
+            f"{name} · stage {k + 1}: {stage_label(stage)} · steps "
+            f"{stage.get('start_step')}–{stage.get('end_step')}"))
+    if not xs:
+        return None
+    return {"type": "scatter", "mode": "markers", "x": xs, "y": [run_index] * len(xs),
+            "xaxis": "x3", "yaxis": "y3", "hovertext": texts, "hoverinfo": "text",
+            "marker": {"size": 14, "opacity": 0}, "showlegend": False,
+            "meta": {"kind": "stage-hover", "run": run_index}}
+
+
+def llc_figure(runs: Sequence[Run], names: Sequence[str],
+               flags: Sequence[Flag] = ()) -> dict:
+    """Loss (top) and λ̂ ± std (bottom) over ``step + 1`` on a shared log axis, with stages.
+
+    One run: its stages are shaded bands across both panels, labelled with type and Δλ̂.
+    Several runs: curves overlaid in one colour per run, and a lane per run below with its
+    stages, so runs of one config (e.g. seeds) align on the step axis.
+    """
+    multi = len(runs) > 1
+    span = step_range(runs)
+    xr = log_range(span)
+    axis_span = xr[1] - xr[0]
+    lo, hi = span if span else (1, 10)
+    data: list[dict] = []
+    shapes: list[dict] = []
+    annotations: list[dict] = []
+    loss_names: list[str] = []
+    loss_values: list[float] = []
+
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+        color = run_color(i, len(runs))
+        group = f"run{i}"
+        for j, col in enumerate(loss_columns(run.metrics)):
+            rows = run.metrics[["step", col]].dropna()
+            if col not in loss_names:
+                loss_names.append(col)
+            loss_values += rows[col].tolist()
+            data.append({
+                "type": "scatter", "mode": "lines", "x": step_x(rows["step"]),
+                "y": numbers(rows[col]), "customdata": rows["step"].tolist(),
+                "xaxis": "x", "yaxis": "y", "hovertemplate": HOVER,
+                "name": plot_text(f"{name} · {col}" if multi else col),
+                "line": {"color": color if multi else LOSS_COLOR, "width": 1.5,
+                         "dash": DASHES[loss_names.index(col) % len(DASHES)]},
+                "legendgroup": group, "showlegend": not multi,
+                "meta": {"kind": "loss", "run": i, "column": j},
+            })
+        llc = run.llc[["step", "llc_mean", "llc_std"]]
+        llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=np.float64))]
+        steps = llc["step"].tolist()
+        band = llc[np.isfinite(llc["llc_std"].to_numpy(dtype=np.float64))]
+        if len(band):
+            bx = step_x(band["step"])
+            upper = (band["llc_mean"] + band["llc_std"]).to_numpy()
+            lower = (band["llc_mean"] - band["llc_std"]).to_numpy()
+            data.append({
+                "type": "scatter", "mode": "lines", "x": bx + bx[::-1],
+                "y": numbers(upper) + numbers(lower[::-1]), "fill": "toself",
+                "fillcolor": _rgba(color, 0.18), "line": {"width": 0}, "hoverinfo": "skip",
+                "xaxis": "x2", "yaxis": "y2", "name": "± std over chains",
+                "legendgroup": group, "showlegend": not multi,
+                "meta": {"kind": "llc-band", "run": i},
+            })
+        data.append({
+            "type": "scatter", "mode": "lines+markers" if len(steps) <= 300 else "lines",
+            "x": step_x(steps), "y": numbers(llc["llc_mean"]), "customdata": steps,
+            "xaxis": "x2", "yaxis": "y2", "hovertemplate": HOVER,
+            "name": plot_text(name if multi else "λ̂"),
+            "line": {"color": color, "width": 2}, "marker": {"size": 5, "color": color},
+            "legendgroup": group, "showlegend": True,
+            "meta": {"kind": "llc", "run": i},
+        })
+
+    flagged = _flag_points(runs, flags)
+    if flagged is not None:
+        data.append(flagged)
+
+    lane_px = 26 * len(runs) + 12 if multi else 0
+    lane_gap_px = 56 if multi else 0
+    panels_px = 500
+    height = panels_px + lane_px + lane_gap_px + 84
+    area = height - 84
+    lane_top = (lane_px / area) if multi else 0.0
+    llc_bottom = lane_top + lane_gap_px / area
+    split = llc_bottom + (1 - llc_bottom) * 0.5
+    layout = _base_layout(height)
+    log_loss = bool(loss_values) and min(loss_values) > 0 and max(loss_values) / min(
+        loss_values) > 30
+    layout.update({
+        "xaxis": _step_axis(xr, anchor="y", showticklabels=False),
+        "yaxis": _value_axis(domain=[split + 0.035, 1.0], title={"text": "loss"},
+                             type="log" if log_loss else "linear", exponentformat="power"),
+        "xaxis2": _step_axis(xr, anchor="y2", matches="x",
+                             **({} if multi else {"title": {"text": STEP_AXIS_TITLE}})),
+        "yaxis2": _value_axis(domain=[llc_bottom, split - 0.035],
+                              title={"text": "λ̂ (local learning coefficient)"}),
+    })
+    if multi:
+        layout["xaxis3"] = _step_axis(xr, anchor="y3", matches="x",
+                                      title={"text": STEP_AXIS_TITLE})
+        layout["yaxis3"] = {"domain": [0, lane_top], "range": [len(runs) - 0.5, -0.5],
+                            "tickvals": list(range(len(runs))), "fixedrange": True,
+                            "ticktext": [plot_text(_short(n)) for n in names],
+                            "showgrid": False, "zeroline": False, "linecolor": "#999"}
+        layout["xaxis2"]["showticklabels"] = False
+        annotations.append({"text": "stages (A: λ̂ rises, B: λ̂ falls)", "xref": "paper",
+                            "yref": "paper", "x": 0, "y": lane_top, "xanchor": "left",
+                            "yanchor": "bottom", "showarrow": False,
+                            "font": {"size": 11, "color": "#555"}})
+        if len(loss_names) > 1:
+            annotations.append({
+                "text": plot_text(" · ".join(f"{DASHES[k % len(DASHES)]}: {c}"
+                                             for k, c in enumerate(loss_names))),
+                "xref": "paper", "yref": "paper", "x": 1, "y": 1, "xanchor": "right",
+                "yanchor": "top", "showarrow": False, "font": {"size": 11, "color": "#555"},
+                "bgcolor": "rgba(255,255,255,0.8)"})
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+        if multi:
+            shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x3", yref="y3",
+                                    y0=i - 0.38, y1=i + 0.38, opacity=0.55)
+            hover = _stage_hover_trace(run, i, name, lo, hi)
+            if hover is not None:
+                data.append(hover)
+        else:
+            shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x", yref="paper",
+                                    y0=0, y1=1, opacity=0.13)
+    if not loss_names:
+        annotations.append(_empty_note("no loss logged in metrics.csv", "y"))
+    if not any(len(r.llc) for r in runs):
+        annotations.append(_empty_note("no λ̂ estimated yet", "y2"))
+    layout["shapes"] = shapes
+    layout["annotations"] = annotations
+    return {"data": data, "layout": layout}
+
+
+def _short(name: str, limit: int = 28) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1):]
+
+
+def _empty_note(text: str, yaxis: str) -> dict:
+    return {"text": text, "xref": "paper", "yref": f"{yaxis} domain", "x": 0.5, "y": 0.5,
+            "showarrow": False, "font": {"size": 13, "color": "#888"}}
+
+
+def _flag_points(runs: Sequence[Run], flags: Sequence[Flag]) -> dict | None:
+    """Red rings on the λ̂ curve at every step with a flagged diagnostic or warning."""
+    by_point: dict[tuple[int, int], list[str]] = {}
+    for f in flags:
+        by_point.setdefault((f.run, f.step), []).append(
+            f.why if not f.value else f"{f.column} = {f.value}: {f.why}")
+    xs, ys, texts, steps = [], [], [], []
+    for (i, step), whys in sorted(by_point.items()):
+        row = runs[i].llc[runs[i].llc["step"] == step]
+        if not len(row):
+            continue
+        value = float(row["llc_mean"].iloc[0])
+        if not math.isfinite(value):
+            continue
+        xs.append(step + 1)
+        ys.append(value)
+        steps.append([i, step])
+        texts.append(f"step {step}<br>" + "<br>".join(plot_text(w) for w in whys[:6]))
+    if not xs:
+        return None
+    return {"type": "scatter", "mode": "markers", "x": xs, "y": numbers(ys),
+            "customdata": steps, "xaxis": "x2", "yaxis": "y2", "hovertext": texts,
+            "hoverinfo": "text", "name": "diagnostic warning",
+            "marker": {"symbol": "circle-open", "size": 12, "color": FLAG_COLOR,
+                       "line": {"width": 2}},
+            "meta": {"kind": "flag", "run": -1}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics over training
+# ----------------------------------------------------------------------------------------------
+def diagnostic_columns(runs: Sequence[Run]) -> list[str]:
+    """Numeric λ̂-table columns worth a panel: those with a health rule, or that vary."""
+    cols: list[str] = []
+    for run in runs:
+        for c in run.llc.columns:
+            if c in ESTIMATE_COLUMNS or c in cols or not _is_numeric(run.llc[c]):
+                continue
+            values = run.llc[c].dropna()
+            if rule_for(c) is not None or values.nunique() > 1:
+                cols.append(c)
+    order = {r.column: k for k, r in enumerate(HEALTH_RULES)}
+    return sorted(cols, key=lambda c: (order.get(column_key(c), len(order)), c))
+
+
+def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
+                       flags: Sequence[Flag] = ()) -> dict | None:
+    """One small panel per diagnostic column over ``step + 1``, thresholds dotted, flags red."""
+    cols = diagnostic_columns(runs)
+    if not cols:
+        return None
+    xr = log_range(step_range(runs))
+    panel_px, gap_px = 110, 34
+    area = len(cols) * panel_px + (len(cols) - 1) * gap_px
+    height = area + 36 + 48 + 16
+    layout = _base_layout(height)
+    layout["margin"] = {"l": 72, "r": 24, "t": 52, "b": 48}
+    layout["showlegend"] = len(runs) > 1
+    data: list[dict] = []
+    shapes: list[dict] = []
+    annotations: list[dict] = []
+    flagged = {(f.run, f.step, f.column) for f in flags}
+    for k, col in enumerate(cols):
+        ax = "" if k == 0 else str(k + 1)
+        top = 1 - k * (panel_px + gap_px) / area
+        bottom = max(top - panel_px / area, 0.0)
+        last = k == len(cols) - 1
+        layout[f"xaxis{ax}"] = _step_axis(
+            xr, anchor=f"y{ax}", showticklabels=last,
+            **({"matches": "x"} if k else {}),
+            **({"title": {"text": STEP_AXIS_TITLE}} if last else {}))
+        layout[f"yaxis{ax}"] = _value_axis(domain=[bottom, top])
+        rule = rule_for(col)
+        caption = col + (f"   ({rule.bound_text})" if rule else "")
+        annotations.append({"text": plot_text(caption), "xref": "paper", "yref": "paper",
+                            "x": 0, "y": top, "xanchor": "left", "yanchor": "bottom",
+                            "showarrow": False, "font": {"size": 12, "color": "#333"}})
+        for bound in (rule.low, rule.high) if rule else ():
+            if bound is not None:
+                shapes.append({"type": "line", "name": f"threshold:{k}",
+                               "xref": f"x{ax} domain", "x0": 0, "x1": 1,
+                               "yref": f"y{ax}", "y0": bound, "y1": bound,
+                               "line": {"color": FLAG_COLOR, "width": 1, "dash": "dot"}})
+        bad_x, bad_y, bad_points = [], [], []
+        for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+            if col not in run.llc.columns:
+                continue
+            rows = run.llc[["step", col]].dropna()
+            color = run_color(i, len(runs))
+            data.append({
+                "type": "scatter", "mode": "lines+markers" if len(rows) <= 300 else "lines",
+                "x": step_x(rows["step"]), "y": numbers(rows[col]),
+                "customdata": rows["step"].tolist(), "xaxis": f"x{ax}", "yaxis": f"y{ax}",
+                "name": plot_text(name), "hovertemplate": HOVER, "legendgroup": f"run{i}",
+                "showlegend": k == 0 and len(runs) > 1,
+                "line": {"color": color, "width": 1.5}, "marker": {"size": 4, "color": color},
+                "meta": {"kind": "diagnostic", "run": i, "panel": k},
+            })
+            for step, value in zip(rows["step"].tolist(), rows[col].tolist(), strict=True):
+                if (i, step, col) in flagged:
+                    bad_x.append(step + 1)
+                    bad_y.append(value)
+                    bad_points.append([i, step])
+        if bad_x:
+            data.append({
+                "type": "scatter", "mode": "markers", "x": bad_x, "y": numbers(bad_y),
+                "customdata": bad_points, "xaxis": f"x{ax}", "yaxis": f"y{ax}",
+                "hovertext": [plot_text(f"{names[i]} · step {s}: {col} = {v:.4g}")
+                              for (i, s), v in zip(bad_points, bad_y, strict=True)],
+                "name": "flagged", "hoverinfo": "text", "showlegend": False,
+                "marker": {"symbol": "x", "size": 9, "color": FLAG_COLOR},
+                "meta": {"kind": "diagnostic-flag", "run": -1, "panel": k},
+            })
+    layout["shapes"] = shapes
+    layout["annotations"] = annotations
+    return {"data": data, "layout": layout}

@@ -1,0 +1,403 @@
+"""The dashboard page: a JSON page model built from runs, and the HTML that draws it.
+
+The page model holds everything the browser shows (figures, tables, loss traces) so the
+browser-side script only lays it out. Strings from runs reach the page in two ways, both
+inert: inside figures they are escaped for Plotly (:func:`figures.plot_text`); in tables they
+stay raw and the script writes them with ``textContent``. The model itself is embedded as JSON
+in a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` written as
+``\\u003c``-style escapes, so a run named ``</script>`` cannot close the block.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from devinterp.dashboard import assets
+from devinterp.dashboard.figures import (
+    ESTIMATE_COLUMNS,
+    HEALTH_RULES,
+    NOT_FINITE_WHY,
+    Flag,
+    column_key,
+    diagnostics_figure,
+    health_flags,
+    llc_figure,
+    numbers,
+    rule_for,
+    run_color,
+)
+from devinterp.store import Run, RunStore, load_run
+
+#: Loss-trace values embedded in a written HTML file (chains × draws summed over checkpoints).
+DEFAULT_MAX_TRACE_VALUES = 200_000
+#: Largest trace served for one checkpoint by the server (thinned along draws beyond it).
+MAX_SERVED_TRACE_VALUES = 400_000
+MAX_FLAG_ROWS = 500
+CSP = ("default-src 'none'; script-src 'unsafe-inline' 'self'; style-src 'unsafe-inline'; "
+        "img-src data: blob: 'self'; connect-src 'self'; font-src data:")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading runs
+# ----------------------------------------------------------------------------------------------
+def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[Run]:
+    """Load run directories, refusing directories that hold no run at all."""
+    if not run_dirs:
+        raise ValueError("no run directory given; pass one or more run directories")
+    runs = []
+    for d in run_dirs:
+        run = load_run(d)
+        if not (len(run.llc) or len(run.metrics) or run.settings or run.meta or run.stages
+                or run.snapshots):
+            raise ValueError(
+                f"{str(d)!r} holds no run (no llc.csv, metrics.csv, run.json or snapshots); "
+                "pass a directory written by LLCCallback or `devinterp run`, or serve a folder "
+                "of runs with `devinterp dashboard ROOT --serve`")
+        runs.append(run)
+    return runs
+
+
+def run_names(runs: Sequence[Run]) -> list[str]:
+    """Display names; runs sharing a name are told apart by their path below a common folder."""
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    paths = [r.path.resolve() for r in runs]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
+    out = []
+    for name, path in zip(names, paths, strict=True):
+        if names.count(name) > 1:
+            rel = path.relative_to(common).as_posix() if path != common else path.name
+            name = f"{name} ({rel})" if rel not in (name, ".") else name
+        out.append(name)
+    seen: dict[str, int] = {}
+    for k, name in enumerate(out):
+        seen[name] = seen.get(name, 0) + 1
+        if seen[name] > 1:
+            out[k] = f"{name} #{seen[name]}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+# ----------------------------------------------------------------------------------------------
+def format_value(value: Any) -> str:
+    """A table cell: numbers to 6 significant digits, containers as compact JSON."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if math.isnan(v):
+            return "—"
+        return f"{v:.6g}"
+    if isinstance(value, (Mapping, list, tuple)):
+        return json.dumps(value, default=str, ensure_ascii=False, separators=(", ", ": "))
+    return str(value)
+
+
+def flatten(doc: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys (``model.init_args.width``)."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def key_value_table(docs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict:
+    """Rows ``[key, value per run]`` over the union of keys; ``differs`` marks disagreements."""
+    flat = [flatten(d) for d in docs]
+    keys: list[str] = []
+    for f in flat:
+        keys += [k for k in f if k not in keys]
+    rows, differs = [], []
+    for k in keys:
+        cells = [format_value(f[k]) if k in f else "—" for f in flat]
+        rows.append([k, *cells])
+        differs.append(len(set(cells)) > 1)
+    return {"columns": ["setting", *names], "rows": rows, "differs": differs}
+
+
+# ----------------------------------------------------------------------------------------------
+# Page sections
+# ----------------------------------------------------------------------------------------------
+def stage_table(runs: Sequence[Run], names: Sequence[str]) -> dict:
+    """One row per stage: run (when several), number, type, steps, Δλ̂, Δloss."""
+    multi = len(runs) > 1
+    columns = (["run"] if multi else []) + ["#", "type", "start step", "end step", "Δλ̂",
+                                            "Δloss"]
+    rows = []
+    for run, name in zip(runs, names, strict=True):
+        for k, stage in enumerate(run.stages):
+            if not isinstance(stage, Mapping):
+                continue
+            cells = [str(k + 1), format_value(stage.get("type")),
+                     format_value(stage.get("start_step")), format_value(stage.get("end_step")),
+                     _signed(stage.get("llc_change")), _signed(stage.get("loss_change"))]
+            rows.append(([name] if multi else []) + cells)
+    return {"columns": columns, "rows": rows, "type_column": columns.index("type")}
+
+
+def _signed(value: Any) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:+.4g}"
+    return format_value(value)
+
+
+def _flag_label(flag: Flag) -> str:
+    if column_key(flag.column) == "warnings":
+        return "estimator warning"
+    if flag.why == NOT_FINITE_WHY:
+        return "λ̂ not finite"
+    rule = rule_for(flag.column)
+    return rule.label if rule else flag.column
+
+
+def flag_summary(flags: Sequence[Flag], names: Sequence[str]) -> list[dict]:
+    """Flags grouped by run and problem, for the banner at the top of the page."""
+    groups: dict[tuple[int, str], list[Flag]] = {}
+    for f in flags:
+        groups.setdefault((f.run, _flag_label(f)), []).append(f)
+    order = {r.label: k for k, r in enumerate(HEALTH_RULES)}
+    out = []
+    for (run, label), items in sorted(groups.items(), key=lambda kv: (kv[0][0],
+                                                                       order.get(kv[0][1], -1))):
+        steps = sorted({f.step for f in items})
+        out.append({"run": run, "name": names[run], "what": label, "count": len(steps),
+                    "steps": steps[:8], "why": items[0].why})
+    return out
+
+
+def llc_table(runs: Sequence[Run], names: Sequence[str], flags: Sequence[Flag]) -> dict:
+    """Every λ̂ row as text cells, with the flagged cells listed as ``[row, column]``."""
+    multi = len(runs) > 1
+    columns: list[str] = []
+    for run in runs:
+        columns += [c for c in run.llc.columns if c not in columns]
+    first = [c for c in ESTIMATE_COLUMNS if c in columns]
+    columns = first + [c for c in columns if c not in first]
+    flagged_at = {(f.run, f.step, f.column) for f in flags}
+    rows, flagged = [], []
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+        for record in run.llc.to_dict("records"):
+            r = len(rows)
+            step = int(record["step"])
+            rows.append(([name] if multi else []) + [format_value(record.get(c)) for c in columns])
+            for k, c in enumerate(columns):
+                if (i, step, c) in flagged_at:
+                    flagged.append([r, k + int(multi)])
+    header = (["run"] if multi else []) + columns
+    hints = [rule_for(c).bound_text if rule_for(c) else "" for c in columns]
+    return {"columns": header, "hints": ([""] if multi else []) + hints, "rows": rows,
+            "flagged": flagged}
+
+
+def _init_loss(run: Run, step: int) -> float | None:
+    cols = [c for c in run.llc.columns if column_key(c) == "init_loss"]
+    if not cols:
+        return None
+    row = run.llc.loc[run.llc["step"] == step, cols[0]]
+    value = float(row.iloc[0]) if len(row) else float("nan")
+    return value if math.isfinite(value) else None
+
+
+def trace_payload(run: Run, step: int, max_values: int = MAX_SERVED_TRACE_VALUES) -> dict | None:
+    """The loss trace of ``step`` (chain × draw) for the page, thinned along draws if huge."""
+    trace = run.trace(step)
+    if trace is None:
+        return None
+    trace = np.asarray(trace, dtype=np.float64)
+    if trace.ndim != 2:
+        trace = trace.reshape(1, -1)
+    stride = max(1, math.ceil(trace.size / max(max_values, 1)))
+    row = run.llc.loc[run.llc["step"] == step]
+    llc = float(row["llc_mean"].iloc[0]) if len(row) else float("nan")
+    std = float(row["llc_std"].iloc[0]) if len(row) else float("nan")
+    return {"chains": [numbers(c, 5) for c in trace[:, ::stride]], "stride": stride,
+            "draws": int(trace.shape[1]), "baseline": _init_loss(run, step),
+            "llc": llc if math.isfinite(llc) else None,
+            "llc_std": std if math.isfinite(std) else None}
+
+
+def _spread_pick(candidates: list[int], count: int, first: Sequence[int]) -> list[int]:
+    """``count`` steps: ``first`` (flagged ones), then evenly spread in log-step."""
+    available = set(candidates)
+    picked = [s for s in first if s in available][: max(count // 2, 0)]
+    taken = set(picked)
+    rest = [s for s in candidates if s not in taken]
+    need = count - len(picked)
+    if need > 0 and rest:
+        logs = np.log10(np.asarray(rest, dtype=np.float64) + 1)
+        targets = np.linspace(logs[0], logs[-1], need)
+        idx = sorted({int(np.argmin(np.abs(logs - t))) for t in targets})
+        extra = [rest[k] for k in idx]
+        for k in np.linspace(0, len(rest) - 1, len(rest)).astype(int).tolist():
+            if len(extra) >= need:
+                break
+            if rest[k] not in extra:
+                extra.append(rest[k])
+        picked += extra
+    return sorted(set(picked))
+
+
+def embedded_traces(runs: Sequence[Run], refs: Sequence[str], trace_steps: Sequence[list[int]],
+                    flags: Sequence[Flag], max_values: int) -> tuple[dict, list[str]]:
+    """Loss traces to embed in a file, within ``max_values`` values; and notes on what was cut."""
+    out: dict[str, dict[str, dict]] = {}
+    notes: list[str] = []
+    with_traces = [i for i, steps in enumerate(trace_steps) if steps]
+    if not with_traces or max_values <= 0:
+        if with_traces:
+            notes.append("loss traces are not embedded (--max-trace-values 0)")
+        return out, notes
+    per_run = max_values // len(with_traces)
+    for i in with_traces:
+        steps = trace_steps[i]
+        probe = trace_payload(runs[i], steps[-1], max(per_run // 2, 1))
+        size = sum(len(c) for c in probe["chains"]) if probe else 1
+        count = max(1, min(len(steps), per_run // max(size, 1)))
+        flagged = sorted({f.step for f in flags if f.run == i})
+        chosen = steps if count >= len(steps) else _spread_pick(steps, count, flagged)
+        out[refs[i]] = {}
+        for step in chosen:
+            payload = probe if step == steps[-1] else trace_payload(runs[i], step,
+                                                                    max(per_run // 2, 1))
+            if payload is not None:
+                out[refs[i]][str(step)] = payload
+        if len(chosen) < len(steps):
+            notes.append(f"{runs[i].name}: loss traces embedded for {len(chosen)} of "
+                         f"{len(steps)} checkpoints (flagged ones first); serve the runs "
+                         "(--serve) or raise --max-trace-values to see all")
+    return out, notes
+
+
+def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
+               embed_traces: bool = True,
+               max_trace_values: int = DEFAULT_MAX_TRACE_VALUES) -> dict:
+    """The page model of one run or a comparison of runs (JSON-able)."""
+    names = run_names(runs)
+    refs = list(refs) if refs is not None else [str(i) for i in range(len(runs))]
+    flags = [f for i, run in enumerate(runs) for f in health_flags(run.llc, i)]
+    trace_steps = [RunStore(run.path).trace_steps() for run in runs]
+    notes: list[str] = []
+    traces: dict = {}
+    if embed_traces:
+        traces, notes = embedded_traces(runs, refs, trace_steps, flags, max_trace_values)
+        trace_steps = [[int(s) for s in traces.get(ref, {})] for ref in refs]
+    for run, name in zip(runs, names, strict=True):
+        bad = [k + 1 for k, s in enumerate(run.stages)
+               if not (isinstance(s, Mapping) and "start_step" in s and "end_step" in s)]
+        if bad:
+            notes.append(f"{name}: stage(s) {bad} lack start_step/end_step and are not drawn")
+    flag_rows = [{"run": f.run, "step": f.step, "what": _flag_label(f), "column": f.column,
+                  "value": f.value, "why": f.why} for f in flags[:MAX_FLAG_ROWS]]
+    return {
+        "title": names[0] if len(runs) == 1 else f"Comparison of {len(runs)} runs",
+        "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "runs": [{
+            "name": names[i], "path": str(run.path), "ref": refs[i],
+            "color": run_color(i, len(runs)), "points": int(len(run.llc)),
+            "last_step": int(run.llc["step"].max()) if len(run.llc) else None,
+            "stages": len(run.stages), "trace_steps": trace_steps[i],
+            "flagged_steps": sorted({f.step for f in flags if f.run == i}),
+        } for i, run in enumerate(runs)],
+        "main": llc_figure(runs, names, flags),
+        "diagnostics": {
+            "figure": diagnostics_figure(runs, names, flags),
+            "summary": flag_summary(flags, names),
+            "flags": flag_rows,
+            "more_flags": max(len(flags) - MAX_FLAG_ROWS, 0),
+            "table": llc_table(runs, names, flags),
+        },
+        "stages": stage_table(runs, names),
+        "settings": key_value_table([r.settings for r in runs], names),
+        "config": key_value_table([r.meta for r in runs], names),
+        "traces": traces,
+        "notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------
+def script_json(obj: Any) -> str:
+    """JSON that is safe inside a ``<script>`` element (no ``<``, ``>`` or ``&`` characters)."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def fill(template: str, **values: str) -> str:
+    """Replace ``%NAME%`` placeholders in one pass, so inserted text is never scanned again
+    (a run named ``%SCRIPT%`` must stay a name)."""
+    return re.sub(r"%([A-Z]+)%", lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def plotly_js() -> str:
+    """plotly.js from the installed ``plotly`` package (so no page ever needs a CDN)."""
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    # Inline scripts end at the first "</script"; the bundle has none today, but be sure.
+    return js.replace("</script", "<\\/script")
+
+
+def render_html(page: Mapping[str, Any], *, plotly_src: str | None = None,
+                live: Mapping[str, Any] | None = None) -> str:
+    """The dashboard HTML for a page model.
+
+    Args:
+        page: from :func:`build_page`.
+        plotly_src: URL of plotly.js (served mode); None embeds it, making the file
+            self-contained.
+        live: served mode: ``{"page_url", "trace_url", "poll_ms", "index_url"}``.
+    """
+    config = {"live": bool(live), **(dict(live) if live else {})}
+    if plotly_src is None:
+        plotly_tag = f"<script>{plotly_js()}</script>"
+    else:
+        plotly_tag = f'<script src="{html.escape(plotly_src)}"></script>'
+    return fill(assets.PAGE_TEMPLATE, CSP=CSP, TITLE=html.escape(str(page["title"])),
+                STYLE=assets.STYLE, CONFIG=script_json(config), DATA=script_json(page),
+                PLOTLY=plotly_tag, SCRIPT=assets.SCRIPT)
+
+
+def build_html(run_dirs: Sequence[str | os.PathLike], *,
+               max_trace_values: int = DEFAULT_MAX_TRACE_VALUES) -> str:
+    """A self-contained dashboard (one HTML file, no network) of one run or a comparison.
+
+    Args:
+        run_dirs: run directories (written by ``LLCCallback`` or ``devinterp run``).
+        max_trace_values: loss-trace values (chains × draws over checkpoints) to embed; the
+            flagged checkpoints come first, the rest are spread evenly in log-step.
+    """
+    runs = load_runs(run_dirs)
+    return render_html(build_page(runs, max_trace_values=max_trace_values))
+
+
+def log_to_wandb(run_dir: str | os.PathLike, wandb_run: Any) -> None:
+    """Attach the run's dashboard to a W&B run as ``wandb.Html`` under the key ``dashboard``."""
+    import wandb
+
+    html_text = build_html([run_dir])
+    # A file-like object: a str could be taken for a path; inject=False keeps the page offline
+    # (W&B's injected stylesheet is a link to its servers).
+    wandb_run.log({"dashboard": wandb.Html(io.StringIO(html_text), inject=False)})

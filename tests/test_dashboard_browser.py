@@ -1,0 +1,262 @@
+"""The dashboard in a real headless browser: Debian's chromium driven by Playwright.
+
+Never downloads a browser. Without /usr/bin/chromium (or playwright) these tests skip, unless
+DEVINTERP_REQUIRE_BROWSER=1 (CI sets it), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_dashboard import MALICIOUS, STEPS, write_run
+
+from devinterp.dashboard import DashboardServer, build_html
+from devinterp.store import RunStore
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+#: Predicates are functions, not expressions: Playwright evals expressions in the page, which
+#: the dashboard's Content-Security-Policy (no 'unsafe-eval') rightly forbids.
+READY = "() => window.__dashboard && window.__dashboard.ready"
+
+#: What a figure div holds once drawn: trace kinds, shape names, axis ranges, shape paths.
+FIGURE_STATE = """(id) => {
+  const gd = document.getElementById(id);
+  const full = gd._fullLayout;
+  const axes = {};
+  Object.keys(full).filter(k => /^[xy]axis\\d*$/.test(k)).forEach(k => {
+    axes[k] = {type: full[k].type, range: full[k].range.slice()};
+  });
+  return {
+    kinds: gd.data.map(t => t.meta && t.meta.kind),
+    points: gd.data.map(t => (t.x || t.y || []).length),
+    shapes: (gd.layout.shapes || []).map(s => s.name),
+    axes: axes,
+    size: {l: full._size.l, t: full._size.t, w: full._size.w, h: full._size.h},
+    paths: Array.from(gd.querySelectorAll('.shapelayer path')).map(p => p.getAttribute('d')),
+    legend: Array.from(gd.querySelectorAll('.legendtext')).map(e => e.textContent),
+  };
+}"""
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("DEVINTERP_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"{reason} and DEVINTERP_REQUIRE_BROWSER=1")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("playwright is not installed")
+    if not Path(CHROMIUM).exists():
+        _unavailable(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Watched:
+    """A page that records console errors, page errors, dialogs and requests leaving
+    ``allowed`` URL prefixes (those are aborted)."""
+
+    def __init__(self, browser: Any, allowed: tuple[str, ...]) -> None:
+        self.page = browser.new_page(viewport={"width": 1280, "height": 900})
+        self.errors: list[str] = []
+        self.foreign: list[str] = []
+        self.dialogs: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error"
+                     else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("dialog", self._dialog)
+        self.page.route("**/*", self._route)
+        self.allowed = allowed
+
+    def _dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    def _route(self, route: Any) -> None:
+        url = route.request.url
+        if url.startswith(self.allowed):
+            route.continue_()
+        else:
+            self.foreign.append(url)
+            route.abort()
+
+    def open(self, url: str) -> None:
+        self.page.goto(url)
+        self.page.wait_for_function(READY, timeout=30_000)
+
+    def figure(self, element_id: str) -> dict:
+        return self.page.evaluate(FIGURE_STATE, element_id)
+
+    def assert_clean(self) -> None:
+        assert self.errors == [] and self.foreign == [] and self.dialogs == []
+
+    def close(self) -> None:
+        self.page.close()
+
+
+def assert_sane_log_axes(fig: dict, max_step: int) -> None:
+    """Every step axis is logarithmic and spans [1, max_step + 1] with a small margin; every
+    shape path has finite coordinates inside the drawing (a band at step 0 must not run off to
+    minus infinity)."""
+    for name, axis in fig["axes"].items():
+        lo, hi = axis["range"]
+        assert math.isfinite(lo) and math.isfinite(hi) and lo != hi, name  # lanes run reversed
+        if name.startswith("x"):
+            assert axis["type"] == "log", name
+            assert -0.5 < lo <= 0 and math.log10(max_step + 1) <= hi < math.log10(max_step) + 1
+    size = fig["size"]
+    for path in fig["paths"]:
+        assert "NaN" not in path and "Infinity" not in path, path
+        xs = [float(v) for v in path.replace("M", " ").replace("H", " ").replace("V", " ")
+              .replace("L", " ").replace("Z", " ").replace(",", " ").split()[::2]]
+        assert all(size["l"] - 1 <= x <= size["l"] + size["w"] + 1 for x in xs), path
+
+
+@pytest.fixture
+def single_html(tmp_path: Path) -> Path:
+    out = tmp_path / "single.html"
+    out.write_text(build_html([write_run(tmp_path / "run", name=MALICIOUS)]), encoding="utf-8")
+    return out
+
+
+def test_single_run_page_draws_offline(browser: Any, single_html: Path, tmp_path: Path) -> None:
+    w = Watched(browser, ("file://",))
+    w.open(single_html.as_uri())
+    main = w.figure("fig-main")
+    assert sorted(main["kinds"]) == ["flag", "llc", "llc-band", "loss", "loss"]
+    assert main["shapes"] == ["stage:0:0", "stage:0:1", "stage:0:2"]
+    assert_sane_log_axes(main, max(STEPS))
+    diag = w.figure("fig-diag")
+    assert diag["kinds"].count("diagnostic") == 6 and diag["kinds"].count("diagnostic-flag") == 2
+    assert_sane_log_axes(diag, max(STEPS))
+    # The run's name is shown as text, everywhere, and ran nothing.
+    assert w.page.inner_text("h1") == MALICIOUS
+    assert w.page.title().startswith(MALICIOUS)
+    assert w.page.locator("#banner li").count() == 3
+    assert w.page.locator("#stage-table td.stage-B").count() == 1
+    shot = tmp_path / "dashboard.png"
+    w.page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+    w.assert_clean()
+    w.close()
+
+
+def test_trace_selector_click_and_flag_buttons(browser: Any, single_html: Path) -> None:
+    w = Watched(browser, ("file://",))
+    w.open(single_html.as_uri())
+    trace = w.figure("fig-trace")
+    assert trace["kinds"] == ["chain"] * 4 + ["baseline"]
+    assert w.page.input_value("#trace-step") == "10000"
+    first_chain = "document.getElementById('fig-trace').data[0].y[0]"
+    w.page.select_option("#trace-step", "10")
+    w.page.wait_for_function(f"() => Math.abs({first_chain} - 1.0) < 0.05")  # step 10: loss ~2/2
+    assert "λ̂ = 2.000" in w.page.inner_text("#trace-caption")
+    # The diverged checkpoint's button in the flag table opens its chains.
+    w.page.locator("#flag-table button").first.click()
+    w.page.wait_for_function("() => document.getElementById('trace-step').value === '100'")
+    # Clicking a λ̂ point selects that checkpoint.
+    w.page.evaluate("""() => {
+      const gd = document.getElementById('fig-main');
+      const llc = gd.data.find(t => t.meta.kind === 'llc');
+      gd.emit('plotly_click', {points: [{data: llc, customdata: 1000}]});
+    }""")
+    w.page.wait_for_function("() => document.getElementById('trace-step').value === '1000'")
+    w.page.wait_for_function(f"() => Math.abs({first_chain} - 0.5) < 0.05")
+    w.assert_clean()
+    w.close()
+
+
+def test_comparison_page_overlays_runs_with_stage_lanes(browser: Any, tmp_path: Path) -> None:
+    names = ["seed 0", "seed 1", MALICIOUS]
+    dirs = [write_run(tmp_path / f"s{k}", name=n, seed=k, steps=STEPS[: 3 + k])
+            for k, n in enumerate(names)]
+    out = tmp_path / "compare.html"
+    out.write_text(build_html(dirs), encoding="utf-8")
+    w = Watched(browser, ("file://",))
+    w.open(out.as_uri())
+    main = w.figure("fig-main")
+    assert main["kinds"].count("llc") == 3 and main["kinds"].count("loss") == 6
+    assert len([s for s in main["shapes"] if s.startswith("stage:")]) == 9
+    assert_sane_log_axes(main, max(STEPS))
+    assert [n for n in names if n in main["legend"]] == names
+    lanes = w.page.evaluate("""() => Array.from(document.querySelectorAll(
+        '#fig-main .yaxislayer-above .y3tick text')).map(e => e.textContent)""")
+    assert lanes == names
+    assert w.page.locator("#trace-run option").count() == 3
+    w.page.select_option("#trace-run", "2")
+    w.page.wait_for_function("() => document.getElementById('trace-step').value === '10000'")
+    w.assert_clean()
+    w.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[DashboardServer]:
+    root = tmp_path / "root"
+    write_run(root / "exp" / "a", name="a")
+    write_run(root / "exp" / "b", name="b", traces=False)
+    write_run(tmp_path / "outside", name="secret run")
+    srv = DashboardServer(root, port=0, poll_seconds=0.3)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_served_pages_follow_a_training_run(browser: Any, served: DashboardServer) -> None:
+    base = served.url
+    w = Watched(browser, (base,))
+    w.open(base)
+    links = w.page.locator("#run-table a")
+    assert links.count() == 2
+    links.first.click()
+    w.page.wait_for_url(base + "run/exp/a")
+    w.page.wait_for_function(READY)
+    llc_points = ("(gd => gd.data.find(t => t.meta.kind === 'llc').x.length)"
+                  "(document.getElementById('fig-main'))")
+    assert w.page.evaluate(f"() => {llc_points}") == 5
+    assert_sane_log_axes(w.figure("fig-main"), max(STEPS))
+    # A new λ̂ row while the page is open: it appears without reloading or restarting.
+    RunStore(served.root / "exp" / "a").write_llc_row(
+        {"step": 50000, "llc_mean": 7.5, "llc_std": 0.2})
+    w.page.wait_for_function(f"() => {llc_points} === 6", timeout=15_000)
+    assert "6 λ̂ points" in w.page.inner_text("#runs")
+    assert_sane_log_axes(w.figure("fig-main"), 50000)
+    # Loss traces come from the server on demand.
+    w.page.select_option("#trace-step", "100")
+    w.page.wait_for_function(
+        "() => Math.abs(document.getElementById('fig-trace').data[0].y[0] - 2 / 3) < 0.05")
+    # Compare from the index.
+    w.page.goto(base)
+    w.page.wait_for_function(READY)
+    w.page.locator("#run-table input[type=checkbox]").nth(0).check()
+    w.page.locator("#run-table input[type=checkbox]").nth(1).check()
+    w.page.click("#compare")
+    w.page.wait_for_url("**/compare?run=exp%2Fa&run=exp%2Fb")
+    w.page.wait_for_function(READY)
+    assert w.figure("fig-main")["kinds"].count("llc") == 2
+    w.assert_clean()
+    # Nothing outside ROOT, however the path is spelled.
+    for path in ("run/../../outside", "run/%2e%2e/%2e%2e/outside", "api/page?run=../outside",
+                 "api/page?run=%2e%2e%2foutside", "api/trace?run=../outside&step=0"):
+        resp = w.page.request.get(base + path)
+        assert resp.status in (403, 404), path
+        assert "secret run" not in resp.text()
+    w.close()

@@ -1,0 +1,159 @@
+"""Benchmark the dashboard: HTML size and time until the page has drawn in headless Chromium.
+
+Cases: one run with 2,000 λ̂ points, and a comparison of 10 runs (200 points each). Every run
+has stages, diagnostics (a few flagged) and loss traces. Time is measured in the page: from
+navigation start to ``window.__dashboard.ready`` (all figures drawn), median of ``--repeats``
+loads in one browser. The baseline row is an empty Plotly plot in an HTML file that embeds the
+same plotly.js: the part of the time that is plotly.js itself being parsed and run.
+
+    .venv/bin/python tools/bench_dashboard.py [--repeats 5] [--keep DIR]
+
+Target: under 2 s to draw. Needs Debian's chromium (/usr/bin/chromium) and playwright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from devinterp.dashboard import build_html
+from devinterp.dashboard.page import plotly_js
+from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+#: Stage ends and λ̂ changes of the language-model run in Hoogland et al. (SCIENCE.md).
+STAGE_ENDS = [900, 6500, 8500, 17000, 50000]
+STAGE_CHANGES = [26.4, 22.5, -1.57, 8.62, 1.77]
+
+
+def write_synthetic_run(path: Path, n_points: int, *, seed: int = 0, chains: int = 4,
+                        draws: int = 200, name: str | None = None) -> Path:
+    """A run directory shaped like a real one: λ̂ that develops in the planted stages above."""
+    rng = np.random.default_rng(seed)
+    store = RunStore(path, create=True)
+    steps = np.unique(np.concatenate([[0], np.geomspace(1, STAGE_ENDS[-1], n_points)
+                                      .astype(int)]))
+    while len(steps) < n_points:  # low steps collide after rounding: top up linearly
+        extra = rng.integers(1, STAGE_ENDS[-1], n_points - len(steps))
+        steps = np.unique(np.concatenate([steps, extra]))
+    steps = steps[:n_points]
+    logt = np.log10(steps + 1.0)
+    llc = np.full(len(steps), 2.0)
+    start = 0
+    for end, change in zip(STAGE_ENDS, STAGE_CHANGES, strict=True):
+        mid = (math.log10(start + 1) + math.log10(end + 1)) / 2
+        llc += change / (1 + np.exp(-(logt - mid) * 8))
+        start = end
+    llc += rng.normal(0, 0.4, len(steps))
+    loss = 3.2 * np.exp(-llc / 20) + 0.05 + rng.normal(0, 0.01, len(steps))
+    store.upsert_rows("llc.csv", [{
+        "step": int(s), "llc_mean": float(v), "llc_std": float(0.5 + 0.05 * abs(v)),
+        "init_loss": float(lo), "rhat": float(1.3 if k % 97 == 50 else 1.0 + rng.uniform(0, 0.04)),
+        "ess": float(rng.uniform(150, 600)),
+        "mala_acceptance": float(0.3 if k % 131 == 70 else rng.uniform(0.85, 0.95)),
+        "num_diverged": int(k % 173 == 90), "frac_below_baseline": float(rng.uniform(0, 0.05)),
+        "nbeta": 60.0, "step_size": 1e-3,
+        "warnings": ["split R-hat is 1.30 (> 1.1): chains disagree"] if k % 97 == 50 else [],
+    } for k, (s, v, lo) in enumerate(zip(steps, llc, loss, strict=True))])
+    metric_steps = np.unique(np.geomspace(1, STAGE_ENDS[-1], 400).astype(int))
+    train = np.interp(metric_steps, steps, loss) + rng.normal(0, 0.02, len(metric_steps))
+    store.write_metrics([{"step": int(s), "train_loss": float(t), "val_loss": float(t + 0.04)}
+                         for s, t in zip(metric_steps, train, strict=True)])
+    stages, start = [], 0
+    for k, (end, change) in enumerate(zip(STAGE_ENDS, STAGE_CHANGES, strict=True)):
+        stages.append({"start_step": start, "end_step": end, "type": "A" if change > 0 else "B",
+                       "llc_change": change, "loss_change": -0.3 / (k + 1)})
+        start = end
+    store.write_json(STAGES_FILE, {"method": "synthetic", "params": {}, "stages": stages})
+    store.write_json(SETTINGS_FILE, {"sampler": "sgld", "nbeta": 60.0, "step_size": 1e-3,
+                                     "localization": 6.0, "num_chains": chains,
+                                     "num_draws": draws, "num_burnin": 100, "seed": seed})
+    store.write_json("run.json", {"name": name or path.name, "model": "synthetic"})
+    for s, v, lo in zip(steps, llc, loss, strict=True):
+        noise = np.cumsum(rng.normal(0, 0.002, (chains, draws)), axis=1) * 0.1
+        store.save_trace(int(s), lo + v / 60 + noise + rng.normal(0, 0.004, (chains, draws)))
+    return path
+
+
+def time_to_draw(page, url: str, ready: str) -> float:
+    """Milliseconds from navigation start until ``ready`` (a JS expression) is true."""
+    page.goto(url)
+    page.wait_for_function(ready, timeout=60_000)
+    return float(page.evaluate("window.__drawnAt || window.__dashboard.drawnAt"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--keep", type=Path, help="keep the run dirs and HTML files here")
+    args = ap.parse_args(argv)
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        print("playwright is not installed: pip install playwright", file=sys.stderr)
+        return 2
+    if not Path(CHROMIUM).exists():
+        print(f"{CHROMIUM} not found: apt-get install chromium", file=sys.stderr)
+        return 2
+    work = args.keep or Path(tempfile.mkdtemp(prefix="bench_dashboard_"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    t = time.perf_counter()
+    single = [write_synthetic_run(work / "single", 2000, seed=1)]
+    seeds = [write_synthetic_run(work / "seeds" / f"seed{k}", 200, seed=k, name=f"seed {k}")
+             for k in range(10)]
+    print(f"wrote synthetic runs in {time.perf_counter() - t:.1f} s under {work}")
+
+    baseline = work / "plotly_only.html"
+    baseline.write_text(
+        "<!DOCTYPE html><html><body><div id='g'></div><script>" + plotly_js() + "</script>"
+        "<script>Plotly.newPlot('g', [{x: [1, 10], y: [1, 2]}], {xaxis: {type: 'log'}})"
+        ".then(function () { window.__drawnAt = performance.now(); });</script></body></html>")
+    cases = [("plotly.js alone (baseline)", baseline, None)]
+    for label, runs in (("1 run × 2,000 λ̂ points", single), ("10 runs × 200 λ̂ points", seeds)):
+        t = time.perf_counter()
+        text = build_html(runs)
+        build_s = time.perf_counter() - t
+        out = work / f"{runs[0].parent.name}_{len(runs)}.html"
+        out.write_text(text, encoding="utf-8")
+        cases.append((label, out, build_s))
+
+    rows = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for label, path, build_s in cases:
+            ready = "window.__drawnAt" if build_s is None else "window.__dashboard && " \
+                "window.__dashboard.ready"
+            times = []
+            for _ in range(args.repeats):
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                times.append(time_to_draw(page, path.as_uri(), ready))
+                page.close()
+            rows.append((label, path.stat().st_size / 1e6, build_s, statistics.median(times),
+                         max(times)))
+        browser.close()
+
+    base = rows[0][3]
+    print(f"\n{'case':<28} {'HTML MB':>8} {'build s':>8} {'draw ms':>8} {'max ms':>8} "
+          f"{'vs plotly':>9} {'< 2 s':>6}")
+    for label, mb, build_s, med, worst in rows:
+        build = f"{build_s:.2f}" if build_s is not None else "—"
+        print(f"{label:<28} {mb:>8.2f} {build:>8} {med:>8.0f} {worst:>8.0f} "
+              f"{med / base:>8.2f}x {'yes' if med < 2000 else 'NO':>6}")
+    print("\ndraw ms: median time from navigation start until every figure has drawn, "
+          f"over {args.repeats} loads; vs plotly: ratio to plotly.js alone.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
