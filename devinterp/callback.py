@@ -1,0 +1,614 @@
+"""``LLCCallback``: λ̂ next to the loss during Lightning training, with training left untouched."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+import devinterp
+from devinterp.fabric import (
+    Schedule,
+    chain_range,
+    describe,
+    iter_floats,
+    preserved_training_state,
+    record_result,
+    run_estimator,
+    training_data,
+    weights_finite,
+    write_settings,
+)
+from devinterp.store import RUN_FILE, RunStore
+
+#: Tensor data up to this size is saved into the run directory (``data.pt``) in deferred mode,
+#: so ``devinterp estimate`` samples with exactly the data training used.
+MAX_SAVED_DATA_BYTES = 256 * 2**20
+DATA_FILE = "data.pt"
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+_SAMPLERS = ("sgld", "rmsprop_sgld")
+
+
+class LLCCallback(Callback):
+    """Estimate the local learning coefficient λ̂ on a schedule during ``trainer.fit``.
+
+    At each scheduled step the weights are saved to ``dirpath/snapshots`` (weights only,
+    ``torch.load(weights_only=True)``); in ``"inline"`` mode λ̂ is estimated right away with
+    :func:`devinterp.estimate_llc`, its row written to the run store (``dirpath/llc.csv``, the
+    source of truth, read with :func:`devinterp.load_run`) and then sent to every logger in
+    ``trainer.loggers``. In ``"deferred"`` mode only the snapshot is taken; run
+    ``devinterp estimate DIRPATH`` later, in any process. Training is untouched: with the same
+    seed, parameters and optimizer state end bit-identical to a run without the callback (the
+    random streams, train/eval modes, ``requires_grad``, ``.grad`` and buffers are restored).
+
+    Data and loss (first match wins):
+
+    - data: the ``data`` argument (Dataset, DataLoader or ``(inputs, targets)`` tensors); else a
+      module attribute ``llc_data``; else the ``.dataset`` of the trainer's train dataloader,
+      resampled from ``seed`` (the trainer's own shuffling loader is never iterated, so the
+      training random stream is not consumed).
+    - loss: the ``loss_fn`` argument, ``loss_fn(outputs, targets) -> scalar mean loss`` with
+      ``outputs = module(inputs)``; else a module method
+      ``llc_batch_loss(self, forward, batch) -> scalar`` for batches that are not
+      ``(inputs, targets)`` (``forward(*args)`` runs the module at the sampled weights); else
+      the module attribute ``loss_fn``. A module that trains with ``self.loss_fn`` on
+      ``(x, y)`` batches needs no change. ``self.log`` calls made while λ̂ is estimated are
+      dropped, so they never reach the loggers.
+
+    Schedule: the union of ``every_n_train_steps`` (or ``every_n_epochs``), ``steps`` and
+    ``log_spaced``, plus step 0 (the initialization, at train start) when ``include_init``.
+    Steps are ``trainer.global_step`` (optimizer steps taken). Sanity checking,
+    ``fast_dev_run`` and steps already done are skipped. All chains use the same ``seed`` at
+    every step (common random numbers: the curve is smoother than its error bars suggest).
+
+    Logged metrics (every logger, ``step=trainer.global_step``): ``llc/mean``, ``llc/std``,
+    ``llc/init_loss`` and ``llc/<diagnostic>`` (``mala_acceptance``, ``rhat``, ``ess``,
+    ``frac_below_baseline``, ``num_diverged``, ``step_size``, ``nbeta``). With W&B they are
+    plotted against ``trainer/global_step``, the axis of the loss, even when they arrive later.
+    The run store is written before any logger is called: a logger that fails loses nothing.
+
+    Run store rows: ``step, llc_mean, llc_std, init_loss, <diagnostics>, <settings>, status,
+    reason, warnings``; ``status`` is ``"failed"`` with a ``reason`` when the training loss or
+    the weights are not finite at the step or every chain diverged (training continues).
+    Training metrics seen by the trainer (``trainer.callback_metrics``) are recorded in
+    ``metrics.csv`` at logging steps, scheduled steps, validation and epoch ends.
+
+    Distributed: under DDP the chains are split across ranks (each runs its own chain indices,
+    so the merged result equals a single-process run), gathered, and global rank 0 writes and
+    logs. Sharded strategies (FSDP, DeepSpeed) are refused.
+
+    Args:
+        dirpath: the run directory. Default: ``<trainer.log_dir>/llc``. Checked for write
+            access before training starts.
+        every_n_train_steps: estimate every n optimizer steps.
+        every_n_epochs: estimate at the end of every n-th epoch (not with every_n_train_steps).
+        steps: explicit steps to estimate at.
+        log_spaced: about this many steps evenly spaced in log(step) up to ``max_steps``.
+        include_init: also estimate at step 0, the initialization.
+        mode: ``"inline"`` estimates during training; ``"deferred"`` only snapshots.
+        num_chains: SGLD chains per estimate.
+        num_draws: recorded draws per chain.
+        num_burnin: discarded steps per chain (default: num_draws).
+        batch_size: SGLD minibatch size.
+        step_size: SGLD step size ε, or ``"auto"``.
+        localization: γ, the pull towards the checkpoint (default 1.0).
+        nbeta: nβ (default n/log n, n the number of training samples).
+        sampler: ``"sgld"`` or ``"rmsprop_sgld"``.
+        seed: seed of the chains' noise and minibatch order.
+        num_samples: n when the data has no length.
+        chain_chunk_size: run at most this many chains at once (memory).
+        vectorize: vectorize chains with ``torch.func.vmap``.
+        data: data to sample with (see above). Default: the training data.
+        loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's.
+        save_traces: save the per-chain loss traces, shape (chain, draw), to ``dirpath/traces``.
+        progress: print one line per estimate.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        *,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        steps: list[int] | None = None,
+        log_spaced: int | None = None,
+        include_init: bool = True,
+        mode: Literal["inline", "deferred"] = "inline",
+        num_chains: int = 4,
+        num_draws: int = 200,
+        num_burnin: int | None = None,
+        batch_size: int = 256,
+        step_size: float | Literal["auto"] = "auto",
+        localization: float | None = None,
+        nbeta: float | None = None,
+        sampler: Literal["sgld", "rmsprop_sgld"] = "sgld",
+        seed: int = 0,
+        num_samples: int | None = None,
+        chain_chunk_size: int | None = None,
+        vectorize: bool = True,
+        data: Any = None,
+        loss_fn: Callable[..., torch.Tensor] | None = None,
+        save_traces: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if mode not in ("inline", "deferred"):
+            raise ValueError(f"mode must be 'inline' or 'deferred', got {mode!r}")
+        if every_n_train_steps is not None and every_n_epochs is not None:
+            raise ValueError(
+                f"conflicting schedule: every_n_train_steps={every_n_train_steps} and "
+                f"every_n_epochs={every_n_epochs}; give one (add explicit steps=[...] if needed)"
+            )
+        if every_n_epochs is not None and (not isinstance(every_n_epochs, int)
+                                           or every_n_epochs < 1):
+            raise ValueError(f"every_n_epochs must be an integer >= 1, got {every_n_epochs!r}")
+        if (every_n_train_steps is None and every_n_epochs is None and not steps
+                and log_spaced is None):
+            raise ValueError(
+                "empty schedule: give every_n_train_steps, every_n_epochs, steps=[...] or "
+                "log_spaced=N (e.g. log_spaced=100, every_n_train_steps=1000 as in the papers)"
+            )
+        # Validates intervals and steps now, not after training started (log_spaced is
+        # resolved at train start, when max_steps is known).
+        Schedule(every_n_steps=every_n_train_steps, steps=tuple(steps or ()))
+        if log_spaced is not None and (not isinstance(log_spaced, int) or log_spaced < 1):
+            raise ValueError(f"log_spaced must be an integer >= 1, got {log_spaced!r}")
+        for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 1),
+                                 ("batch_size", batch_size, 1), ("num_burnin", num_burnin, 0)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if step_size != "auto" and not (isinstance(step_size, (int, float)) and step_size > 0):
+            raise ValueError(f"step_size must be a positive float or 'auto', got {step_size!r}")
+        if nbeta is not None and not nbeta > 0:
+            raise ValueError(f"nbeta must be > 0, got {nbeta!r}")
+        if localization is not None and not localization >= 0:
+            raise ValueError(f"localization must be >= 0, got {localization!r}")
+        if sampler not in _SAMPLERS:
+            raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
+        self.dirpath = dirpath
+        self.every_n_train_steps = every_n_train_steps
+        self.every_n_epochs = every_n_epochs
+        self.steps = sorted(set(steps or ()))
+        self.log_spaced = log_spaced
+        self.include_init = include_init
+        self.mode = mode
+        self.options: dict[str, Any] = {
+            "num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
+            "batch_size": batch_size, "step_size": step_size, "localization": localization,
+            "nbeta": nbeta, "sampler": sampler, "seed": seed, "num_samples": num_samples,
+            "chain_chunk_size": chain_chunk_size, "vectorize": vectorize,
+        }
+        self.data = data
+        self.loss_fn = loss_fn
+        self.save_traces = save_traces
+        self.progress = progress
+
+        self._done: set[int] = set()
+        self._store: RunStore | None = None
+        self._schedule: Schedule | None = None
+        self._disabled = False
+        self._data: Any = None
+        self._loss: tuple[Callable | None, Callable | None] = (None, None)
+        self._module_path: str | None = None
+        self._metrics: list[dict[str, Any]] = []
+        self._last_metric: dict[str, float] = {}
+        self._warned: set[str] = set()
+        self._num_snapshots = 0
+        self._batch_step = 0
+
+    # -- identity and resumable state ----------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            dirpath=self.dirpath, mode=self.mode, every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs, steps=self.steps, log_spaced=self.log_spaced,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "done_steps": sorted(self._done),
+            "dirpath": str(self._store.path) if self._store is not None else None,
+            "module": self._module_path,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._done = {int(s) for s in state_dict.get("done_steps", [])}
+        # A resumed run keeps writing to the directory it started in, even where the default
+        # (the logger's version directory) would now be a new one.
+        if self.dirpath is None and state_dict.get("dirpath"):
+            self._store = RunStore(state_dict["dirpath"], create=True)
+
+    @property
+    def store(self) -> RunStore | None:
+        """The run store written to (set when fitting starts)."""
+        return self._store
+
+    # -- setup -----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = type(trainer.strategy)
+        sharded = [c.__name__ for c in strategy.__mro__ if c.__name__ in _SHARDED]
+        if sharded:
+            raise ValueError(
+                f"LLCCallback does not support the sharded strategy {sharded[0]}: λ̂ needs the "
+                "full weights in every process. Train with strategy='ddp' (or one device), or "
+                "save checkpoints and run `devinterp estimate` on them afterwards"
+            )
+        if trainer.fast_dev_run:
+            self._disabled = True
+            self._warn_once("fast_dev_run", "LLCCallback is disabled under fast_dev_run")
+            return
+        self._loss = self._resolve_loss(pl_module)
+        base = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
+        if self._store is None:
+            self._store = RunStore(self.dirpath or os.path.join(base, "llc"), create=True)
+        self._module_path = _import_path(type(pl_module))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled:
+            return
+        max_steps = _max_steps(trainer)
+        self._schedule = Schedule(
+            every_n_steps=self.every_n_train_steps, steps=tuple(self.steps),
+            log_spaced=self.log_spaced, max_steps=max_steps, include_init=self.include_init,
+        )
+        if max_steps is not None and self._schedule.beyond(max_steps):
+            self._warn_once("beyond", f"LLCCallback: steps {self._schedule.beyond(max_steps)} "
+                                      f"are beyond max_steps={max_steps} and will not be reached")
+        self._data = self._resolve_data(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._write_run_files(trainer, pl_module)
+            if not trainer.loggers:
+                self._warn_once("no_logger", "LLCCallback: the trainer has no logger; λ̂ is "
+                                             f"written only to the run directory {self._store.path}")
+            self._setup_wandb(trainer)
+        if trainer.global_step == 0 and 0 in self._schedule and 0 not in self._done:
+            self._take(trainer, pl_module, 0, train_loss=None)
+
+    # -- triggers ----------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        self._batch_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._disabled:
+            return
+        step = trainer.global_step
+        due = step in self._schedule and step not in self._done
+        # The batch's loss was computed at the weights of the step the batch started at: record
+        # it there (as Lightning's loggers do), next to the λ̂ of those weights.
+        if trainer.is_global_zero and (due or step % max(trainer.log_every_n_steps, 1) == 0):
+            self._record_metrics(trainer, self._batch_step)
+        if due:
+            self._take(trainer, pl_module, step, train_loss=_loss_value(outputs))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled:
+            return
+        step = trainer.global_step
+        if trainer.is_global_zero:
+            self._record_metrics(trainer, step)
+        if (self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs
+                == 0 and step not in self._done):
+            self._take(trainer, pl_module, step, train_loss=None)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._disabled and not trainer.sanity_checking and trainer.is_global_zero:
+            self._record_metrics(trainer, trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        self._flush_metrics()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._disabled:
+            return
+        self._flush_metrics()
+        if trainer.is_global_zero and self.progress and self.mode == "deferred":
+            self._print(f"LLC: {self._num_snapshots} snapshots in {self._store.path}; "
+                                 f"estimate λ̂ with `devinterp estimate {self._store.path}`")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._flush_metrics()
+
+    # -- one scheduled step --------------------------------------------------------------------
+    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+              train_loss: float | None) -> None:
+        """Snapshot, then (inline) estimate with the chains split over ranks, write, log."""
+        start = time.perf_counter()
+        self._done.add(step)
+        if trainer.is_global_zero:
+            self._store.save_snapshot(step, pl_module.state_dict())
+            self._num_snapshots += 1
+        if self.mode == "deferred":
+            return
+        reason = None
+        if train_loss is not None and not math.isfinite(train_loss):
+            reason = f"non-finite training loss ({train_loss}) at this step"
+        elif not weights_finite(pl_module):
+            reason = "non-finite weights at this step"
+        world, rank = trainer.world_size, trainer.global_rank
+        if world > 1 and not trainer.strategy.reduce_boolean_decision(reason is None, all=True):
+            reason = reason or "non-finite training loss or weights on another rank"
+        result: Any = reason
+        if reason is None:
+            first, count = chain_range(self.options["num_chains"], world, rank)
+            outcome = None
+            if count:
+                loss_fn, batch_loss = self._loss
+                with preserved_training_state(pl_module), _no_self_log(pl_module):
+                    outcome = run_estimator(pl_module, self._data, loss_fn=loss_fn,
+                                            batch_loss=batch_loss, options=self.options,
+                                            first_chain=first, num_chains=count)
+            result = _merge(_gather(outcome, world))
+        if not trainer.is_global_zero:
+            return
+        row = record_result(self._store, step, result, save_trace=self.save_traces)
+        if not isinstance(result, str):
+            self._log(trainer, step, result.metrics())
+        if self.progress:
+            self._print(describe(row, time.perf_counter() - start))
+
+    def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
+        metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        for logger in trainer.loggers:
+            try:
+                logger.log_metrics(metrics, step=step)
+            except Exception as e:  # a tracker outage must not stop training or lose rows
+                self._warn_once(
+                    f"logger:{id(logger)}",
+                    f"LLCCallback: {type(logger).__name__}.log_metrics failed ({e!r}); λ̂ stays "
+                    f"in the run directory {self._store.path}, this logger gets no more warnings",
+                )
+
+    # -- training metrics ----------------------------------------------------------------------
+    def _record_metrics(self, trainer: pl.Trainer, step: int) -> None:
+        """Buffer the metrics that changed since last time (a stale value is not re-recorded)."""
+        row: dict[str, Any] = {"step": int(step)}
+        for k, v in iter_floats(trainer.callback_metrics):
+            if self._last_metric.get(k) != v:
+                row[k] = self._last_metric[k] = v
+        if len(row) > 1:
+            self._metrics.append(row)
+        if len(self._metrics) >= 1000:
+            self._flush_metrics()
+
+    def _flush_metrics(self) -> None:
+        if self._metrics and self._store is not None:
+            self._store.write_metrics(self._metrics)
+        self._metrics = []
+
+    # -- resolving data, loss, and what rebuilds the run ---------------------------------------
+    def _resolve_loss(self, module: pl.LightningModule) -> tuple[Callable | None, Callable | None]:
+        """``(loss_fn, batch_loss)``: exactly one is set (see the class docstring)."""
+        if self.loss_fn is not None:
+            return self.loss_fn, None
+        if callable(getattr(module, "llc_batch_loss", None)):
+            return None, module.llc_batch_loss
+        if callable(getattr(module, "loss_fn", None)):
+            return module.loss_fn, None
+        raise ValueError(
+            f"LLCCallback needs a loss: {type(module).__name__} has no `loss_fn` attribute "
+            "(callable(outputs, targets) -> mean loss) and no `llc_batch_loss(self, forward, "
+            "batch)` method; set one of them, or pass loss_fn= to LLCCallback"
+        )
+
+    def _resolve_data(self, trainer: pl.Trainer, module: pl.LightningModule) -> Any:
+        if self.data is not None:
+            return self.data
+        if getattr(module, "llc_data", None) is not None:
+            return module.llc_data
+        loader = trainer.train_dataloader
+        if not isinstance(loader, DataLoader):
+            raise ValueError(
+                "LLCCallback cannot take the data from the trainer's train dataloader "
+                f"({type(loader).__name__}); pass data= to LLCCallback or set `llc_data` on "
+                "the module"
+            )
+        return training_data(loader)
+
+    def _write_run_files(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """``run.json`` (what rebuilds the model, data and loss) and ``settings.json``."""
+        store = self._store
+        hparams = dict(module.hparams)
+        unjsonable = [k for k, v in hparams.items() if not _jsonable(v)]
+        meta: dict[str, Any] = {
+            "name": store.path.name if store.path.name != "llc" else store.path.parent.name,
+            "module": self._module_path,
+            "module_file": _main_file(type(module)),
+            "hparams": {k: v for k, v in hparams.items() if k not in unjsonable},
+            "data": self._data_recipe(trainer, module),
+            "loss": self._loss_recipe(module),
+            "mode": self.mode,
+            "devinterp_version": devinterp.__version__,
+        }
+        missing = []
+        if self._module_path is None:
+            missing.append(f"the module class ({type(module).__qualname__} is not importable)")
+        if unjsonable:
+            missing.append(f"hyperparameters {unjsonable} (not JSON)")
+        if meta["data"]["kind"] == "unrecorded":
+            missing.append("the data")
+        if meta["loss"]["kind"] == "unrecorded":
+            missing.append("the loss")
+        meta["missing"] = missing
+        store.update_json(RUN_FILE, meta)
+        write_settings(store, self.options, mode=self.mode, schedule={
+            "every_n_train_steps": self.every_n_train_steps,
+            "every_n_epochs": self.every_n_epochs, "steps": self.steps,
+            "log_spaced": self.log_spaced, "include_init": self.include_init,
+            "planned": self._schedule.planned() if self._schedule.max_steps else None,
+        })
+        if missing and self.mode == "deferred":
+            self._warn_once("missing", "LLCCallback (deferred): `devinterp estimate` cannot "
+                                       f"rebuild {', '.join(missing)} from {store.path}; give "
+                                       "them with its --module/--data/--loss options")
+
+    def _data_recipe(self, trainer: pl.Trainer, module: pl.LightningModule) -> dict[str, Any]:
+        tensors = _tensors_of(self._data)
+        if tensors is not None and self.mode == "deferred":
+            size = sum(t.numel() * t.element_size() for t in tensors)
+            if size <= MAX_SAVED_DATA_BYTES:
+                buf = {"tensors": [t.detach().cpu() for t in tensors]}
+                torch.save(buf, self._store.path / DATA_FILE)
+                return {"kind": "file", "file": DATA_FILE}
+        if self.data is not None:
+            return {"kind": "unrecorded", "repr": repr(type(self.data).__name__)}
+        if getattr(module, "llc_data", None) is not None:
+            return {"kind": "module_attr", "attr": "llc_data"}
+        if is_overridden("train_dataloader", module):
+            return {"kind": "module_train_dataloader"}
+        dm = trainer.datamodule
+        if dm is not None and _import_path(type(dm)) and all(
+            _jsonable(v) for v in dict(dm.hparams).values()
+        ):
+            return {"kind": "datamodule", "class": _import_path(type(dm)),
+                    "hparams": dict(dm.hparams)}
+        return {"kind": "unrecorded"}
+
+    def _loss_recipe(self, module: pl.LightningModule) -> dict[str, Any]:
+        loss_fn, batch_loss = self._loss
+        if batch_loss is not None:
+            return {"kind": "module_llc_batch_loss"}
+        if loss_fn is getattr(module, "loss_fn", None):
+            return {"kind": "module_loss_fn"}
+        path = _import_path(loss_fn)
+        if path is not None:
+            return {"kind": "function", "path": path}
+        return {"kind": "unrecorded", "repr": repr(loss_fn)}
+
+    def _setup_wandb(self, trainer: pl.Trainer) -> None:
+        """Plot ``llc/*`` against ``trainer/global_step`` (the loss's axis), and record the W&B
+        run so ``devinterp estimate --wandb`` can add deferred values to it later."""
+        for logger in trainer.loggers:
+            if type(logger).__name__ != "WandbLogger":
+                continue
+            try:
+                run = logger.experiment
+                run.define_metric("trainer/global_step")
+                run.define_metric("llc/*", step_metric="trainer/global_step")
+                self._store.update_json(RUN_FILE, {"wandb": {
+                    "id": run.id, "project": run.project, "entity": run.entity,
+                    "save_dir": logger.save_dir,
+                }})
+            except Exception as e:
+                self._warn_once(f"logger:{id(logger)}",
+                                f"LLCCallback: could not set up W&B metrics ({e!r})")
+
+    # -- output --------------------------------------------------------------------------------
+    def _print(self, line: str) -> None:
+        # tqdm.write moves any progress bar out of the way, and prints plainly when none is up.
+        tqdm.write(line)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _max_steps(trainer: pl.Trainer) -> int | None:
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        return int(trainer.max_steps)
+    total = trainer.estimated_stepping_batches
+    return int(total) if math.isfinite(total) else None
+
+
+def _loss_value(outputs: Any) -> float | None:
+    """The training loss a ``training_step`` returned, if any."""
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    if isinstance(outputs, torch.Tensor) and outputs.numel() == 1:
+        return float(outputs.detach())
+    return None
+
+
+@contextlib.contextmanager
+def _no_self_log(module: pl.LightningModule) -> Iterator[None]:
+    """Drop ``self.log``/``self.log_dict`` calls made by the loss while λ̂ is estimated."""
+    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
+    module.__dict__["log"] = module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del module.__dict__[name]
+            else:
+                module.__dict__[name] = value
+
+
+def _gather(outcome: Any, world: int) -> list[Any]:
+    if world <= 1:
+        return [outcome]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, outcome)
+    return out
+
+
+def _merge(outcomes: list[Any]) -> Any:
+    """One result from the ranks' outcomes (``LLCResult``, failure text, or None: no chains)."""
+    results = [o for o in outcomes if o is not None and not isinstance(o, str)]
+    failures = [o for o in outcomes if isinstance(o, str)]
+    if not results:
+        return failures[0] if failures else "no chain was run"
+    if len(results) == 1 and not failures:
+        return results[0]
+    merged = devinterp.merge_results(results)
+    if failures:
+        merged.warnings.append(f"on {len(failures)} rank(s) every chain diverged; their chains "
+                               "are not in λ̂")
+    return merged
+
+
+def _import_path(obj: Any) -> str | None:
+    """``"package.module:Qualified.name"`` of a class or function, if importable by name."""
+    module, qualname = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    if not module or not qualname or "<" in qualname:
+        return None
+    return f"{module}:{qualname}"
+
+
+def _main_file(cls: type) -> str | None:
+    """The script file of a class defined in ``__main__`` (importable from its file)."""
+    if cls.__module__ != "__main__":
+        return None
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return str(Path(path).resolve()) if path else None
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _tensors_of(data: Any) -> list[torch.Tensor] | None:
+    """The tensors behind ``data`` when it is tensors or a TensorDataset (else None)."""
+    if isinstance(data, DataLoader):
+        return None
+    if isinstance(data, TensorDataset):
+        return list(data.tensors)
+    if isinstance(data, (tuple, list)) and data and all(isinstance(t, torch.Tensor) for t in data):
+        return list(data)
+    return None
