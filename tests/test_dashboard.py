@@ -241,7 +241,8 @@ def test_page_model_tables(run_dir: Path) -> None:
     assert table["columns"][:3] == ["step", "llc_mean", "llc_std"]
     flagged = {(table["rows"][r][0], table["columns"][c]) for r, c in table["flagged"]}
     assert flagged == {(str(s), c) for s, c in PLANTED_FLAGS}
-    summary = {(s["what"], tuple(s["steps"])) for s in page["diagnostics"]["summary"]}
+    summary = {(s["what"], tuple(s["runs"][0]["steps"]))
+               for s in page["diagnostics"]["summary"]}
     assert summary == {("diverged chains", (100,)), ("R-hat", (1000,)),
                        ("estimator warning", (1000,))}
     assert page["runs"][0]["trace_steps"] == STEPS
@@ -257,6 +258,8 @@ def test_comparison_tables_mark_settings_that_differ(tmp_path: Path) -> None:
     assert dict(zip([r[0] for r in t["rows"]], t["differs"], strict=True)) == {
         "nbeta": False, "seed": True, "opt.lr": False}
     assert page["stages"]["columns"][0] == "run" and len(page["stages"]["rows"]) == 6
+    rhat = next(s for s in page["diagnostics"]["summary"] if s["what"] == "R-hat")
+    assert rhat["count"] == 2 and [r["name"] for r in rhat["runs"]] == ["a", "b"]
 
 
 def test_runs_with_one_name_get_told_apart(tmp_path: Path) -> None:
@@ -274,7 +277,7 @@ def test_traces_embedded_within_budget_flagged_first(tmp_path: Path) -> None:
     chosen = sorted(int(s) for s in small["traces"]["0"])
     assert len(chosen) == 5 and small["runs"][0]["trace_steps"] == chosen
     assert 100 in chosen  # the flagged (diverged) step comes first
-    assert any("5 of 40 checkpoints" in n for n in small["notes"])
+    assert any("for 5 of 40 checkpoints" in n for n in small["notes"])
     none = build_page([run], max_trace_values=0)
     assert none["traces"] == {} and none["runs"][0]["trace_steps"] == []
 

@@ -161,8 +161,10 @@ a { color: #1565c0; }
 SCRIPT = r"""
 (function () {
   "use strict";
-  var status = window.__dashboard = {ready: false, drawnAt: null, renders: 0, polls: 0,
-                                     error: null};
+  // Times in ms since navigation start: script start (plotly.js parsed), main figure drawn,
+  // everything drawn.
+  var status = window.__dashboard = {ready: false, scriptAt: performance.now(), mainAt: null,
+                                     drawnAt: null, renders: 0, polls: 0, error: null};
   var config = JSON.parse(document.getElementById("dashboard-config").textContent);
   var page = JSON.parse(document.getElementById("dashboard-data").textContent);
   var PLOT_CONFIG = {displaylogo: false, responsive: true,
@@ -251,12 +253,17 @@ SCRIPT = r"""
     box.className = "banner bad";
     box.appendChild(el("strong", "", "Sampler diagnostics need attention"));
     var ul = el("ul");
+    var multi = page.runs.length > 1;
     summary.forEach(function (s) {
       var li = el("li");
-      li.appendChild(el("b", "", (page.runs.length > 1 ? s.name + ": " : "") + s.what));
+      li.appendChild(el("b", "", s.what));
+      var where = s.runs.slice(0, 3).map(function (r) {
+        return (multi ? r.name + ": " : "") + "step" + (r.count > 1 ? "s " : " ") +
+          r.steps.join(", ") + (r.count > r.steps.length ? ", …" : "");
+      }).join("; ") + (s.runs.length > 3 ? "; …" : "");
       li.appendChild(document.createTextNode(
-        " at " + plural(s.count, "checkpoint") + " (step " + s.steps.join(", ") +
-        (s.count > s.steps.length ? ", …" : "") + "): " + s.why));
+        " at " + plural(s.count, "checkpoint") +
+        (multi ? " in " + plural(s.runs.length, "run") : "") + " (" + where + "): " + s.why));
       ul.appendChild(li);
     });
     box.appendChild(ul);
@@ -279,6 +286,7 @@ SCRIPT = r"""
       box.appendChild(empty("No stages detected yet: run `devinterp stages RUN_DIR`."));
       return;
     }
+    box.className = t.rows.length > 12 ? "scroll" : "";
     box.appendChild(makeTable(t.columns, t.rows, {cellClass: function (r, k, cell) {
       return k === t.type_column && (cell === "A" || cell === "B") ? "stage-" + cell : "";
     }}));
@@ -294,6 +302,7 @@ SCRIPT = r"""
       return;
     }
     var multi = page.runs.length > 1;
+    box.className = d.flags.length > 12 ? "scroll" : "";
     var columns = (multi ? ["run"] : []).concat(["step", "problem", "value", "why", ""]);
     var rows = d.flags.map(function (f) {
       return (multi ? [page.runs[f.run].name] : []).concat(
@@ -465,7 +474,8 @@ SCRIPT = r"""
     renderKeyValues("settings-table", page.settings, "sampler settings (settings.json)");
     renderKeyValues("config-table", page.config, "run configuration (run.json)");
     if (byId("llc-details").open) renderLlcTable(); else llcTableStale = true;
-    var jobs = [Plotly.react("fig-main", page.main.data, page.main.layout, PLOT_CONFIG)];
+    var jobs = [Plotly.react("fig-main", page.main.data, page.main.layout, PLOT_CONFIG)
+      .then(function () { if (status.mainAt === null) status.mainAt = performance.now(); })];
     var diag = page.diagnostics.figure;
     if (diag) {
       jobs.push(Plotly.react("fig-diag", diag.data, diag.layout, PLOT_CONFIG));

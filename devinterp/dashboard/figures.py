@@ -55,9 +55,22 @@ def step_x(steps: Any) -> list[int]:
 
 
 def numbers(values: Any, digits: int = 6) -> list[float | None]:
-    """Floats rounded to ``digits`` significant digits for JSON; NaN and inf become None."""
+    """Floats for JSON with at least ``digits`` significant digits (fewer characters than
+    full precision); NaN and inf become None.
+
+    One rounding for the whole array, to the decimals its smallest nonzero magnitude needs,
+    keeps this vectorized: traces hold hundreds of thousands of values.
+    """
     arr = np.asarray(values, dtype=np.float64).ravel()
-    return [float(f"{v:.{digits}g}") if math.isfinite(v) else None for v in arr.tolist()]
+    finite = np.isfinite(arr)
+    magnitudes = np.abs(arr[finite & (arr != 0)])
+    if magnitudes.size:
+        decimals = digits - 1 - int(np.floor(np.log10(magnitudes.min())))
+        arr = np.round(arr, min(max(decimals, 0), 15))
+    out: list[float | None] = arr.tolist()
+    if not finite.all():
+        out = [v if ok else None for v, ok in zip(out, finite.tolist(), strict=True)]
+    return out
 
 
 def run_color(index: int, n_runs: int) -> str:
@@ -274,7 +287,8 @@ def _stage_shapes(run: Run, run_index: int, lo: int, hi: int, axis_span: float,
             continue
         kind = str(stage.get("type", ""))
         width = (math.log10(bounds[1]) - math.log10(bounds[0])) / max(axis_span, 1e-9)
-        text = "" if width < 0.03 else plot_text(stage_label(stage, wide=width > 0.09))
+        # The type letter fits in ~1% of the axis; "A  Δλ̂ +26.4" needs ~9%.
+        text = "" if width < 0.01 else plot_text(stage_label(stage, wide=width > 0.09))
         shapes.append({
             "type": "rect", "name": f"stage:{run_index}:{k}", "layer": "below",
             "xref": xref, "yref": yref, "x0": bounds[0], "x1": bounds[1], "y0": y0, "y1": y1,
@@ -355,7 +369,8 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
             data.append({
                 "type": "scatter", "mode": "lines", "x": bx + bx[::-1],
                 "y": numbers(upper) + numbers(lower[::-1]), "fill": "toself",
-                "fillcolor": _rgba(color, 0.18), "line": {"width": 0}, "hoverinfo": "skip",
+                "fillcolor": _rgba(color, 0.08 if multi else 0.2), "line": {"width": 0},
+                "hoverinfo": "skip",
                 "xaxis": "x2", "yaxis": "y2", "name": "± std over chains",
                 "legendgroup": group, "showlegend": not multi,
                 "meta": {"kind": "llc-band", "run": i},
@@ -498,7 +513,7 @@ def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
     height = area + 36 + 48 + 16
     layout = _base_layout(height)
     layout["margin"] = {"l": 72, "r": 24, "t": 52, "b": 48}
-    layout["showlegend"] = len(runs) > 1
+    layout["showlegend"] = False  # runs' colours are keyed in the page header and main figure
     data: list[dict] = []
     shapes: list[dict] = []
     annotations: list[dict] = []
@@ -534,8 +549,7 @@ def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
                 "type": "scatter", "mode": "lines+markers" if len(rows) <= 300 else "lines",
                 "x": step_x(rows["step"]), "y": numbers(rows[col]),
                 "customdata": rows["step"].tolist(), "xaxis": f"x{ax}", "yaxis": f"y{ax}",
-                "name": plot_text(name), "hovertemplate": HOVER, "legendgroup": f"run{i}",
-                "showlegend": k == 0 and len(runs) > 1,
+                "name": plot_text(name), "hovertemplate": HOVER,
                 "line": {"color": color, "width": 1.5}, "marker": {"size": 4, "color": color},
                 "meta": {"kind": "diagnostic", "run": i, "panel": k},
             })

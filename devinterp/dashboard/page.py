@@ -172,17 +172,22 @@ def _flag_label(flag: Flag) -> str:
 
 
 def flag_summary(flags: Sequence[Flag], names: Sequence[str]) -> list[dict]:
-    """Flags grouped by run and problem, for the banner at the top of the page."""
-    groups: dict[tuple[int, str], list[Flag]] = {}
+    """Flags grouped by problem, with the runs and steps that have it, for the page's banner."""
+    groups: dict[str, list[Flag]] = {}
     for f in flags:
-        groups.setdefault((f.run, _flag_label(f)), []).append(f)
+        groups.setdefault(_flag_label(f), []).append(f)
     order = {r.label: k for k, r in enumerate(HEALTH_RULES)}
     out = []
-    for (run, label), items in sorted(groups.items(), key=lambda kv: (kv[0][0],
-                                                                       order.get(kv[0][1], -1))):
-        steps = sorted({f.step for f in items})
-        out.append({"run": run, "name": names[run], "what": label, "count": len(steps),
-                    "steps": steps[:8], "why": items[0].why})
+    for label, items in sorted(groups.items(), key=lambda kv: order.get(kv[0], -1)):
+        runs = []
+        for run in sorted({f.run for f in items}):
+            steps = sorted({f.step for f in items if f.run == run})
+            runs.append({"run": run, "name": names[run], "count": len(steps),
+                         "steps": steps[:6]})
+        whys = list(dict.fromkeys(f.why for f in items))
+        why = whys[0] + (f" (and {len(whys) - 1} other messages)" if len(whys) > 1 else "")
+        out.append({"what": label, "why": why, "runs": runs,
+                    "count": sum(r["count"] for r in runs)})
     return out
 
 
@@ -210,17 +215,28 @@ def llc_table(runs: Sequence[Run], names: Sequence[str], flags: Sequence[Flag]) 
             "flagged": flagged}
 
 
-def _init_loss(run: Run, step: int) -> float | None:
-    cols = [c for c in run.llc.columns if column_key(c) == "init_loss"]
-    if not cols:
-        return None
-    row = run.llc.loc[run.llc["step"] == step, cols[0]]
-    value = float(row.iloc[0]) if len(row) else float("nan")
+def estimates_by_step(run: Run) -> dict[int, tuple[float, float, float]]:
+    """``step -> (λ̂, std, L(w*))`` of a run's λ̂ table (NaN where a value is missing)."""
+    llc = run.llc
+    init = [c for c in llc.columns if column_key(c) == "init_loss"]
+    base = llc[init[0]] if init else np.full(len(llc), np.nan)
+    return {int(s): (float(m), float(d), float(b)) for s, m, d, b in zip(
+        llc["step"].tolist(), np.asarray(llc["llc_mean"], dtype=np.float64).tolist(),
+        np.asarray(llc["llc_std"], dtype=np.float64).tolist(),
+        np.asarray(base, dtype=np.float64).tolist(), strict=True)}
+
+
+def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def trace_payload(run: Run, step: int, max_values: int = MAX_SERVED_TRACE_VALUES) -> dict | None:
-    """The loss trace of ``step`` (chain × draw) for the page, thinned along draws if huge."""
+def trace_payload(run: Run, step: int, max_values: int = MAX_SERVED_TRACE_VALUES,
+                  estimates: Mapping[int, tuple[float, float, float]] | None = None
+                  ) -> dict | None:
+    """The loss trace of ``step`` (chain × draw) for the page, thinned along draws if huge.
+
+    ``estimates`` (from :func:`estimates_by_step`) saves a table lookup per checkpoint.
+    """
     trace = run.trace(step)
     if trace is None:
         return None
@@ -228,13 +244,16 @@ def trace_payload(run: Run, step: int, max_values: int = MAX_SERVED_TRACE_VALUES
     if trace.ndim != 2:
         trace = trace.reshape(1, -1)
     stride = max(1, math.ceil(trace.size / max(max_values, 1)))
-    row = run.llc.loc[run.llc["step"] == step]
-    llc = float(row["llc_mean"].iloc[0]) if len(row) else float("nan")
-    std = float(row["llc_std"].iloc[0]) if len(row) else float("nan")
-    return {"chains": [numbers(c, 5) for c in trace[:, ::stride]], "stride": stride,
-            "draws": int(trace.shape[1]), "baseline": _init_loss(run, step),
-            "llc": llc if math.isfinite(llc) else None,
-            "llc_std": std if math.isfinite(std) else None}
+    if estimates is None:
+        estimates = estimates_by_step(run)
+    llc, std, baseline = estimates.get(int(step), (math.nan, math.nan, math.nan))
+    thinned = trace[:, ::stride]
+    values = numbers(thinned, 5)
+    width = thinned.shape[1]
+    return {"chains": [values[c * width:(c + 1) * width] for c in range(thinned.shape[0])],
+            "stride": stride, "draws": int(trace.shape[1]),
+            "baseline": _finite_or_none(baseline), "llc": _finite_or_none(llc),
+            "llc_std": _finite_or_none(std)}
 
 
 def _spread_pick(candidates: list[int], count: int, first: Sequence[int]) -> list[int]:
@@ -269,23 +288,27 @@ def embedded_traces(runs: Sequence[Run], refs: Sequence[str], trace_steps: Seque
             notes.append("loss traces are not embedded (--max-trace-values 0)")
         return out, notes
     per_run = max_values // len(with_traces)
+    kept = total = 0
     for i in with_traces:
         steps = trace_steps[i]
-        probe = trace_payload(runs[i], steps[-1], max(per_run // 2, 1))
+        estimates = estimates_by_step(runs[i])
+        probe = trace_payload(runs[i], steps[-1], max(per_run // 2, 1), estimates)
         size = sum(len(c) for c in probe["chains"]) if probe else 1
         count = max(1, min(len(steps), per_run // max(size, 1)))
         flagged = sorted({f.step for f in flags if f.run == i})
         chosen = steps if count >= len(steps) else _spread_pick(steps, count, flagged)
         out[refs[i]] = {}
         for step in chosen:
-            payload = probe if step == steps[-1] else trace_payload(runs[i], step,
-                                                                    max(per_run // 2, 1))
+            payload = probe if step == steps[-1] else trace_payload(
+                runs[i], step, max(per_run // 2, 1), estimates)
             if payload is not None:
                 out[refs[i]][str(step)] = payload
-        if len(chosen) < len(steps):
-            notes.append(f"{runs[i].name}: loss traces embedded for {len(chosen)} of "
-                         f"{len(steps)} checkpoints (flagged ones first); serve the runs "
-                         "(--serve) or raise --max-trace-values to see all")
+        kept += len(out[refs[i]])
+        total += len(steps)
+    if kept < total:
+        notes.append(f"Loss traces are embedded for {kept} of {total} checkpoints (flagged ones "
+                     "first, the rest spread over training) to keep this file small; serve the "
+                     "runs (--serve) or raise --max-trace-values to see them all.")
     return out, notes
 
 
