@@ -124,11 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         "<script>window.__scriptAt = performance.now(); Plotly.newPlot('g', [{x: [1, 10], y: [1, 2]}], {xaxis: {type: 'log'}})"
         ".then(function () { window.__drawnAt = performance.now(); });</script></body></html>")
     cases = [("plotly.js alone (baseline)", baseline, None)]
-    for label, runs in (("1 run × 2,000 λ̂ points", single), ("10 runs × 200 λ̂ points", seeds)):
+    for label, runs, file in (("1 run × 2,000 λ̂ points", single, "single.html"),
+                              ("10 runs × 200 λ̂ points", seeds, "compare10.html")):
         t = time.perf_counter()
         text = build_html(runs)
         build_s = time.perf_counter() - t
-        out = work / f"{runs[0].parent.name}_{len(runs)}.html"
+        out = work / file
         out.write_text(text, encoding="utf-8")
         cases.append((label, out, build_s))
 

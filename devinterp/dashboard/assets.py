@@ -464,29 +464,38 @@ SCRIPT = r"""
     }
   }
 
+  function nextFrame() {
+    return new Promise(function (resolve) {
+      requestAnimationFrame(function () { setTimeout(resolve, 0); });
+    });
+  }
+
+  // The loss/λ̂ figure first and let the browser paint it; then the rest of the page.
   function render() {
     status.renders += 1;
     renderHeader();
     renderBanner();
     renderNotes();
-    renderStages();
-    renderFlags();
-    renderKeyValues("settings-table", page.settings, "sampler settings (settings.json)");
-    renderKeyValues("config-table", page.config, "run configuration (run.json)");
-    if (byId("llc-details").open) renderLlcTable(); else llcTableStale = true;
-    var jobs = [Plotly.react("fig-main", page.main.data, page.main.layout, PLOT_CONFIG)
-      .then(function () { if (status.mainAt === null) status.mainAt = performance.now(); })];
     var diag = page.diagnostics.figure;
-    if (diag) {
-      jobs.push(Plotly.react("fig-diag", diag.data, diag.layout, PLOT_CONFIG));
-    } else {
-      Plotly.purge("fig-diag");
-    }
-    jobs.push(renderTraceControls());
-    return Promise.all(jobs).then(function () {
-      listenForClicks("fig-main");
-      if (diag) listenForClicks("fig-diag");
-    });
+    return Plotly.react("fig-main", page.main.data, page.main.layout, PLOT_CONFIG)
+      .then(function () {
+        if (status.mainAt === null) status.mainAt = performance.now();
+        listenForClicks("fig-main");
+        return nextFrame();
+      }).then(function () {
+        renderStages();
+        renderFlags();
+        renderKeyValues("settings-table", page.settings, "sampler settings (settings.json)");
+        renderKeyValues("config-table", page.config, "run configuration (run.json)");
+        if (byId("llc-details").open) renderLlcTable(); else llcTableStale = true;
+        var jobs = [renderTraceControls()];
+        if (diag) {
+          jobs.push(Plotly.react("fig-diag", diag.data, diag.layout, PLOT_CONFIG));
+        } else {
+          Plotly.purge("fig-diag");
+        }
+        return Promise.all(jobs);
+      }).then(function () { if (diag) listenForClicks("fig-diag"); });
   }
 
   function setLive(text, ok) {

@@ -40,6 +40,7 @@ FONT = {"family": "system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif", "s
 GRID = "#e6e6e6"
 STEP_AXIS_TITLE = "training step + 1 (log scale)"
 HOVER = "step %{customdata}<br>%{y:.4g}<extra>%{fullData.name}</extra>"
+MAX_MARKERS = 400
 #: λ̂ columns that are the estimate itself, not diagnostics.
 ESTIMATE_COLUMNS = ("step", "llc_mean", "llc_std")
 
@@ -376,7 +377,7 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
                 "meta": {"kind": "llc-band", "run": i},
             })
         data.append({
-            "type": "scatter", "mode": "lines+markers" if len(steps) <= 300 else "lines",
+            "type": "scatter", "mode": _line_mode(runs),
             "x": step_x(steps), "y": numbers(llc["llc_mean"]), "customdata": steps,
             "xaxis": "x2", "yaxis": "y2", "hovertemplate": HOVER,
             "name": plot_text(name if multi else "λ̂"),
@@ -445,6 +446,12 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
     layout["shapes"] = shapes
     layout["annotations"] = annotations
     return {"data": data, "layout": layout}
+
+
+def _line_mode(runs: Sequence[Run]) -> str:
+    """Markers show where λ̂ was estimated, but thousands of SVG markers slow the page down:
+    draw them only while all runs together have few rows."""
+    return "lines+markers" if sum(len(r.llc) for r in runs) <= MAX_MARKERS else "lines"
 
 
 def _short(name: str, limit: int = 28) -> str:
@@ -546,7 +553,7 @@ def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
             rows = run.llc[["step", col]].dropna()
             color = run_color(i, len(runs))
             data.append({
-                "type": "scatter", "mode": "lines+markers" if len(rows) <= 300 else "lines",
+                "type": "scatter", "mode": _line_mode(runs),
                 "x": step_x(rows["step"]), "y": numbers(rows[col]),
                 "customdata": rows["step"].tolist(), "xaxis": f"x{ax}", "yaxis": f"y{ax}",
                 "name": plot_text(name), "hovertemplate": HOVER,
