@@ -1,0 +1,214 @@
+"""``devinterp estimate``: deferred runs and Lightning checkpoints give the inline λ̂ table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from llc_models import FAST, Tiny, trainer
+
+from devinterp import LLCCallback, load_run
+from devinterp.cli import main as cli_main
+from devinterp.posthoc import estimate_run, main
+
+TESTS = Path(__file__).parent
+FAST_FLAGS = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "5", "--step-size",
+              "1e-4", "--batch-size", "32", "--quiet"]
+
+
+def fit(tmp_path, callbacks, module=Tiny, **kwargs) -> None:
+    pl.seed_everything(0, verbose=False)
+    defaults = dict(max_steps=8)
+    defaults.update(kwargs)
+    trainer(tmp_path, callbacks, **defaults).fit(module())
+
+
+def llc_run(tmp_path, name, mode, **kwargs) -> Path:
+    """Train Tiny for 8 steps with the callback every 4 steps; returns the run directory."""
+    run_dir = tmp_path / name
+    settings = {**FAST, "every_n_train_steps": 4, "progress": False, **kwargs}
+    fit(tmp_path, [LLCCallback(run_dir, mode=mode, **settings)])
+    return run_dir
+
+
+def test_deferred_then_estimate_gives_the_inline_table(tmp_path):
+    inline = llc_run(tmp_path, "inline", "inline")
+    deferred = llc_run(tmp_path, "deferred", "deferred")
+    assert load_run(deferred).llc.empty and sorted(load_run(deferred).snapshots) == [0, 4, 8]
+    assert load_run(deferred).meta["data"] == {"kind": "file", "file": "data.pt"}
+    assert main([str(deferred), "--quiet"]) == 0
+    a, b = load_run(inline), load_run(deferred)
+    pd.testing.assert_frame_equal(b.llc, a.llc)
+    for step in (0, 4, 8):
+        np.testing.assert_array_equal(b.trace(step), a.trace(step))
+
+
+def test_checkpoint_directory_gives_the_inline_values(tmp_path):
+    """A run that only has ModelCheckpoint files: the module class is given on the command
+    line, hyperparameters come from the checkpoints, data and loss from the module."""
+    ckpts = tmp_path / "ckpts"
+    fit(tmp_path, [ModelCheckpoint(ckpts, every_n_train_steps=4, save_top_k=-1, save_last=True)],
+        enable_checkpointing=True)
+    inline = llc_run(tmp_path, "inline", "inline", include_init=False)
+    assert main([str(ckpts), "--module", "llc_models:Tiny", *FAST_FLAGS]) == 0
+    got, want = load_run(ckpts).llc, load_run(inline).llc
+    assert got["step"].tolist() == [4, 8]  # last.ckpt is step 8 again: estimated once
+    pd.testing.assert_frame_equal(got, want)
+    assert load_run(ckpts).settings["num_chains"] == 2
+
+
+def test_checkpoint_of_a_run_with_the_callback_names_its_module(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    cb = LLCCallback(tmp_path / "run", every_n_train_steps=4, mode="deferred", progress=False)
+    fit(tmp_path, [cb, ModelCheckpoint(ckpts, every_n_train_steps=8, save_top_k=-1)],
+        enable_checkpointing=True)
+    report = estimate_run(ckpts, progress=False, **FAST)
+    assert report.estimated == [8] and not report.unreadable
+
+
+def test_data_and_loss_given_by_import_path(tmp_path):
+    ckpts = tmp_path / "ckpts"
+    fit(tmp_path, [ModelCheckpoint(ckpts, every_n_train_steps=8, save_top_k=-1)],
+        enable_checkpointing=True)
+    assert main([str(ckpts), "--module", "llc_models:Tiny", "--data",
+                 "llc_models:regression_data", "--loss", "torch.nn.functional:mse_loss",
+                 *FAST_FLAGS]) == 0
+    row = load_run(ckpts).llc.iloc[0]
+    assert row["step"] == 8 and row["status"] == "ok"
+    assert row["nbeta"] == pytest.approx(64 / np.log(64))
+
+
+def test_unreadable_snapshot_is_named_and_the_others_are_estimated(tmp_path, capsys):
+    run_dir = llc_run(tmp_path, "run", "deferred")
+    bad = run_dir / "snapshots" / "step_000000004.pt"
+    bad.write_bytes(b"truncated")
+    wrong = run_dir / "snapshots" / "step_000000008.pt"
+    torch.save({"not_a_weight": torch.zeros(1)}, wrong)
+    assert main([str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {bad}" in err
+    assert f"cannot read {wrong}" in err and "weights do not match Tiny" in err
+    assert load_run(run_dir).llc["step"].tolist() == [0]
+
+
+def test_done_steps_are_skipped_and_conflicting_settings_need_force(tmp_path):
+    run_dir = llc_run(tmp_path, "run", "deferred")
+    first = estimate_run(run_dir, steps=[0, 4], progress=False)
+    assert first.estimated == [0, 4]
+    second = estimate_run(run_dir, progress=False)
+    assert second.skipped == [0, 4] and second.estimated == [8]
+    with pytest.raises(ValueError, match="differ from the settings .* pass --force"):
+        estimate_run(run_dir, progress=False, num_draws=12)
+    forced = estimate_run(run_dir, progress=False, force=True, num_draws=12)
+    assert forced.estimated == [0, 4, 8]
+    run = load_run(run_dir)
+    assert (run.llc["num_draws"] == 12).all() and run.settings["num_draws"] == 12
+
+
+def test_workers_split_the_snapshots(tmp_path):
+    run_dir = llc_run(tmp_path, "run", "deferred", every_n_train_steps=2)
+    a = estimate_run(run_dir, workers=2, rank=0, progress=False)
+    b = estimate_run(run_dir, workers=2, rank=1, progress=False)
+    assert a.estimated == [0, 4, 8] and b.estimated == [2, 6]
+    assert load_run(run_dir).llc["step"].tolist() == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.slow
+def test_concurrent_workers_from_torchrun_environment(tmp_path):
+    """Two processes (one configured like torchrun, one by flags) share one run store."""
+    run_dir = llc_run(tmp_path, "run", "deferred", every_n_train_steps=1)
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    cmd = [sys.executable, "-m", "devinterp", "estimate", str(run_dir)]
+    procs = [
+        subprocess.Popen(cmd, env={**env, "RANK": "0", "WORLD_SIZE": "2"},
+                         stdout=subprocess.PIPE, text=True),
+        subprocess.Popen([*cmd, "--workers", "2", "--rank", "1"], env=env,
+                         stdout=subprocess.PIPE, text=True),
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    done = [[int(ln.split()[2].rstrip(":")) for ln in out.splitlines()
+             if ln.startswith("LLC step")] for out in outs]
+    assert done == [[0, 2, 4, 6, 8], [1, 3, 5, 7]]
+    table = load_run(run_dir).llc
+    assert table["step"].tolist() == list(range(9)) and (table["status"] == "ok").all()
+
+
+@pytest.mark.slow
+def test_module_defined_in_a_training_script(tmp_path):
+    """A LightningModule defined in the script that trained it: rebuilt from the script file,
+    without running the script's training again."""
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        import lightning.pytorch as pl
+        from llc_models import Tiny, trainer
+        from devinterp import LLCCallback
+
+        class ScriptModel(Tiny):
+            pass
+
+        if __name__ == "__main__":
+            with open({str(tmp_path / "trained.txt")!r}, "a") as f:
+                f.write("trained\\n")
+            cb = LLCCallback({str(tmp_path / "run")!r}, every_n_train_steps=4, mode="deferred",
+                             progress=False)
+            trainer({str(tmp_path)!r}, [cb]).fit(ScriptModel())
+    """))
+    subprocess.run([sys.executable, str(script)], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(TESTS)})
+    meta = load_run(tmp_path / "run").meta
+    assert meta["module"] == "__main__:ScriptModel" and meta["module_file"] == str(script)
+    report = estimate_run(tmp_path / "run", progress=False, **FAST)
+    assert report.estimated == [0, 4, 8]
+    assert (tmp_path / "trained.txt").read_text() == "trained\n"
+
+
+def test_wandb_receives_deferred_values_on_the_loss_axis(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+    from test_callback_loggers import wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logger = WandbLogger(save_dir=tmp_path / "wb", offline=True, project="devinterp-test")
+    cb = LLCCallback(tmp_path / "run", every_n_train_steps=4, mode="deferred", progress=False,
+                     **FAST)
+    try:
+        fit(tmp_path, [cb], logger=logger)
+    finally:
+        wandb.finish()
+    assert main([str(tmp_path / "run"), "--wandb", "--quiet"]) == 0
+    history = wandb_history(tmp_path / "wb")  # the training run and the estimate's resume
+    llc = {r["trainer/global_step"]: r["llc/mean"] for r in history if "llc/mean" in r}
+    table = load_run(tmp_path / "run").llc
+    assert llc == pytest.approx(dict(zip(table["step"], table["llc_mean"], strict=True)))
+    assert any("train_loss" in r for r in history)
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["estimate", str(empty)]) == 2
+    assert "holds no snapshot" in capsys.readouterr().err
+    assert cli_main(["estimate", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    ckpts = tmp_path / "ckpts"
+    fit(tmp_path, [ModelCheckpoint(ckpts, every_n_train_steps=8)], enable_checkpointing=True)
+    assert cli_main(["estimate", str(ckpts)]) == 2
+    assert "pass --module package.module:ClassName" in capsys.readouterr().err
+    assert cli_main(["estimate", str(ckpts), "--module", "llc_models:Nope"]) == 2
+    assert "has no 'Nope'" in capsys.readouterr().err
+    assert cli_main(["estimate", str(ckpts), "--module", "Tiny"]) == 2
+    assert "is not an import path" in capsys.readouterr().err
+    assert cli_main(["estimate", str(ckpts), "--steps", "a,b"]) == 2
+    assert "comma-separated integers" in capsys.readouterr().err
