@@ -52,7 +52,8 @@ def write_run(path: Path, *, name: str | None = None, steps: list[int] = STEPS,
             "rhat": 1.5 if step == 1000 else 1.01, "ess": 300.0,
             "mala_acceptance": 0.9, "num_diverged": 1 if step == 100 else 0,
             "frac_below_baseline": 0.02,
-            "warnings": ["split R-hat is 1.50 (> 1.1): chains disagree"] if step == 1000 else [],
+            # As the run store holds them (devinterp.fabric.result_row): joined by " | ".
+            "warnings": "split R-hat is 1.50 (> 1.1): chains disagree" if step == 1000 else "",
         })
         if traces:
             store.save_trace(step, 2.0 / (k + 1) + rng.normal(0, 0.01, (chains, draws)))
@@ -214,13 +215,45 @@ def test_health_rule_boundaries(tmp_path: Path, column: str, value: float,
         assert flags[0].column == column and flags[0].step == 7
 
 
+def test_rows_written_by_the_estimator_pipeline(tmp_path: Path) -> None:
+    """Rows as ``devinterp.fabric.record_result`` writes them: warnings joined by " | ", and a
+    failed step with status and reason (its NaN λ̂ is one flag, not two)."""
+    from devinterp.fabric import record_result
+    from devinterp.llc import LLCResult
+
+    store = RunStore(tmp_path / "r", create=True)
+    trace = np.full((2, 5), 0.5)
+    result = LLCResult(
+        llc_mean=3.0, llc_std=0.2, llc_per_chain=np.array([2.9, 3.1]), loss_trace=trace,
+        init_loss=0.4, diagnostics={"rhat": 1.3, "ess": 250.0, "mala_acceptance": 0.9,
+                                    "num_diverged": 0, "frac_below_baseline": 0.0},
+        settings={"nbeta": 60.0, "num_chains": 2, "num_draws": 5},
+        warnings=["split R-hat is 1.30 (> 1.1): chains disagree", "the λ̂ trace still drifts"])
+    record_result(store, 10, result)
+    record_result(store, 20, "all 2 SGLD chains diverged")
+    run = load_run(store.path)
+    flags = {(f.step, f.column, f.why) for f in health_flags(run.llc)}
+    assert flags == {
+        (10, "rhat", next(r.why for r in HEALTH_RULES if r.column == "rhat")),
+        (10, "warnings", "split R-hat is 1.30 (> 1.1): chains disagree"),
+        (10, "warnings", "the λ̂ trace still drifts"),
+        (20, "status", "no estimate: all 2 SGLD chains diverged"),
+    }
+    page = build_page([run])
+    assert {s["what"] for s in page["diagnostics"]["summary"]} == {
+        "estimate failed", "R-hat", "estimator warning"}
+    assert [s["name"] for s in page["main"]["layout"]["shapes"]] == ["missing:0:20"]
+    assert trace_payload(run, 10)["chains"] == [[0.5] * 5] * 2
+    assert page["runs"][0]["trace_steps"] == [10]
+
+
 def test_every_rule_explains_itself() -> None:
     for rule in HEALTH_RULES:
         assert rule.why and rule.label and rule.bound_text.startswith("flagged if")
 
 
 @pytest.mark.parametrize(("cell", "expected"), [
-    ("[]", []), (float("nan"), []), (None, []), ("", []),
+    ("[]", []), (float("nan"), []), (None, []), ("", []), ("a: x | b", ["a: x", "b"]),
     ('["a", "b"]', ["a", "b"]), ("['it''s', 'b']", ["its", "b"]),
     ("['R-hat is 1.5']", ["R-hat is 1.5"]), ("plain text", ["plain text"]),
     ("[not a list", ["[not a list"]),
@@ -447,6 +480,18 @@ def test_server_refuses_paths_outside_root(server: DashboardServer, tmp_path: Pa
 def test_server_rejects_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a directory"):
         DashboardServer(tmp_path / "nope", port=0)
+    with pytest.raises(ValueError, match="--poll"):
+        DashboardServer(tmp_path, port=0, poll_seconds=0)
+
+
+def test_serve_reports_a_busy_port(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    busy = DashboardServer(tmp_path, port=0)
+    try:
+        port = str(busy.server_address[1])
+        assert cli.main(["dashboard", str(tmp_path), "--serve", "--port", port]) == 2
+    finally:
+        busy.server_close()
+    assert "pick another port with --port" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,8 +245,9 @@ def test_served_pages_follow_a_training_run(browser: Any, served: DashboardServe
     w.page.select_option("#trace-step", "100")
     w.page.wait_for_function(
         "() => Math.abs(document.getElementById('fig-trace').data[0].y[0] - 2 / 3) < 0.05")
-    # Compare from the index.
-    w.page.goto(base)
+    # Back to the index, and compare from there.
+    w.page.click("#index-link")
+    w.page.wait_for_url(base)
     w.page.wait_for_function(READY)
     w.page.locator("#run-table input[type=checkbox]").nth(0).check()
     w.page.locator("#run-table input[type=checkbox]").nth(1).check()
@@ -260,3 +263,15 @@ def test_served_pages_follow_a_training_run(browser: Any, served: DashboardServe
         assert resp.status in (403, 404), path
         assert "secret run" not in resp.text()
     w.close()
+
+
+def test_screenshot_tool_writes_a_png(browser: Any, tmp_path: Path) -> None:
+    """tools/screenshot_dashboard.py, run as the README runs it."""
+    run = write_run(tmp_path / "run", name="tms")
+    out = tmp_path / "stages.png"
+    tool = Path(__file__).resolve().parents[1] / "tools" / "screenshot_dashboard.py"
+    subprocess.run([sys.executable, str(tool), str(run), "-o", str(out), "--scale", "1"],
+                   check=True, capture_output=True, timeout=120)
+    data = out.read_bytes()
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and width > 1000 and 500 < height < 1500

@@ -20,6 +20,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
   <div class="topline">
     <h1 id="title"></h1>
     <span id="live" class="live" hidden></span>
+    <a id="index-link" hidden>all runs</a>
   </div>
   <ul id="runs" class="runs"></ul>
 </header>
@@ -30,8 +31,8 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
     <h2>Loss and λ̂ over training</h2>
     <p class="hint">Steps are drawn as step + 1 on a log axis. Shaded bands are the developmental
       stages: <span class="chip stage-A">A</span> λ̂ rises, <span class="chip stage-B">B</span>
-      λ̂ falls. Red rings mark estimates with a diagnostic warning. Click a λ̂ point to see its
-      chains.</p>
+      λ̂ falls. Red rings mark estimates with a diagnostic warning, dotted red lines steps
+      where the estimate failed. Click a λ̂ point to see its chains.</p>
     <div id="fig-main" class="plot"></div>
   </section>
   <section id="stages">
@@ -521,6 +522,10 @@ SCRIPT = r"""
     }).then(function () { setTimeout(poll, config.poll_ms); });
   }
 
+  if (config.index_url) {
+    byId("index-link").href = config.index_url;
+    byId("index-link").hidden = false;
+  }
   byId("trace-run").addEventListener("change", function (ev) {
     traceState = {run: Number(ev.target.value), step: null};
     renderTraceControls();

@@ -147,13 +147,22 @@ def rule_for(column: str) -> HealthRule | None:
     return _RULES.get(column_key(column))
 
 
-def parse_warnings(cell: Any) -> list[str]:
-    """The estimator's warnings stored in one table cell (a list written as JSON or repr)."""
+def _text(cell: Any) -> str:
+    """A table cell as text; empty cells (read back by pandas as NaN) become ""."""
     if cell is None or (isinstance(cell, float) and math.isnan(cell)):
-        return []
+        return ""
+    return str(cell).strip()
+
+
+def parse_warnings(cell: Any) -> list[str]:
+    """The estimator's warnings stored in one table cell.
+
+    The run store holds them joined by `` | `` (``devinterp.fabric.result_row``); a list
+    written as JSON or as a Python repr is read too.
+    """
     if isinstance(cell, (list, tuple)):
         return [str(w) for w in cell if str(w).strip()]
-    text = str(cell).strip()
+    text = _text(cell)
     if text in ("", "[]", "nan", "None"):
         return []
     if text.startswith("["):
@@ -164,7 +173,7 @@ def parse_warnings(cell: Any) -> list[str]:
                 continue
             if isinstance(value, list):
                 return [str(w) for w in value if str(w).strip()]
-    return [text]
+    return [w.strip() for w in text.split(" | ") if w.strip()]
 
 
 @dataclass(frozen=True)
@@ -187,14 +196,27 @@ def warning_columns(llc: pd.DataFrame) -> list[str]:
 
 
 def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
-    """Every flagged value of a λ̂ table: health-rule violations and the estimator's warnings."""
+    """Every flagged value of a λ̂ table: failed estimates, health-rule violations and the
+    estimator's own warnings."""
     flags: list[Flag] = []
     steps = llc["step"].to_numpy(dtype=np.int64)
+    failed: set[int] = set()
+    if "status" in llc.columns:
+        reasons = llc["reason"].tolist() if "reason" in llc.columns else [""] * len(llc)
+        for step, status, reason in zip(steps.tolist(), llc["status"].tolist(), reasons,
+                                        strict=True):
+            status = _text(status)
+            if status and status != "ok":
+                failed.add(step)
+                why = f"no estimate: {_text(reason)}" if _text(reason) else "no estimate"
+                flags.append(Flag(run_index, step, "status", status, why))
     for col in llc.columns:
         rule = rule_for(col)
         if rule is not None and _is_numeric(llc[col]):
             values = llc[col].to_numpy(dtype=np.float64)
             for step, v in zip(steps.tolist(), values.tolist(), strict=True):
+                if step in failed:
+                    continue
                 if rule.violated(v):
                     flags.append(Flag(run_index, step, col, f"{v:.4g}", rule.why))
                 elif rule.column == "llc_mean" and not math.isfinite(v):
@@ -389,6 +411,13 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
     flagged = _flag_points(runs, flags)
     if flagged is not None:
         data.append(flagged)
+    # Steps with no finite λ̂ (a failed estimate) have no point to ring: mark the step itself.
+    missing = sorted({(f.run, f.step) for f in flags
+                      if f.column == "status" or f.why == NOT_FINITE_WHY})
+    shapes += [{"type": "line", "name": f"missing:{i}:{step}", "xref": "x2", "x0": step + 1,
+                "x1": step + 1, "yref": "y2 domain", "y0": 0, "y1": 1, "layer": "above",
+                "line": {"color": FLAG_COLOR, "width": 1.5, "dash": "dot"}}
+               for i, step in missing]
 
     lane_px = 26 * len(runs) + 12 if multi else 0
     lane_gap_px = 56 if multi else 0

@@ -165,6 +165,8 @@ def _signed(value: Any) -> str:
 def _flag_label(flag: Flag) -> str:
     if column_key(flag.column) == "warnings":
         return "estimator warning"
+    if flag.column == "status":
+        return "estimate failed"
     if flag.why == NOT_FINITE_WHY:
         return "λ̂ not finite"
     rule = rule_for(flag.column)
