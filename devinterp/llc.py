@@ -1,0 +1,650 @@
+"""Local learning coefficient estimation: λ̂ = nβ·(E_w[L(w)] − L(w*)) by localized, tempered SGLD.
+
+The posterior sampled is p(w) ∝ exp(−nβ·L_n(w) − (γ/2)·‖w − w*‖²) (Lau et al. 2023,
+arXiv 2308.12108). Chains are batched into one computation with ``torch.func.vmap`` over a
+stacked copy of the trainable parameters; a sequential path (``vectorize=False``) runs the same
+chains one by one with the same random numbers.
+
+The baseline is *paired*: at every draw, L_B(w*) is computed on the very minibatch B on which the
+chains' L_B(w_t) is computed, and λ̂ averages the differences. Minibatch noise common to both
+cancels, so the baseline is neither noisier than the draws nor biased relative to them (a
+baseline averaged over other minibatches adds nβ·noise to every chain alike; at nβ = n/log n
+that noise can swamp λ; pitfall 1 in SCIENCE.md). All chains share the minibatch of a step, so
+the paired baseline costs one extra forward pass per step, whatever the number of chains.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from devinterp import sampling
+from devinterp.diagnostics import ess, split_rhat
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+BatchLoss = Callable[[Callable[..., Any], Any], Tensor]
+
+DEFAULT_LOCALIZATION = 1.0
+_STEP_CAP = 0.1  # auto step: ε·(nβ·λ_max(H) + γ) <= this (top-direction bias ~ ε·a/4 = 2.5 %)
+_TARGET_ACCEPT = 0.9
+_DIVERGENCE_FACTOR = 1e4
+
+
+class AllChainsDivergedError(RuntimeError):
+    """Every SGLD chain produced a non-finite or exploding loss."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Result
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class LLCResult:
+    """The outcome of :func:`estimate_llc`.
+
+    Attributes:
+        llc_mean: mean of the per-chain λ̂ over chains that did not diverge.
+        llc_std: standard deviation (ddof=1) of those per-chain values.
+        llc_per_chain: λ̂ of each chain, shape (chain,); NaN for a diverged chain.
+        loss_trace: minibatch loss L_B(w_t) of each draw, shape (chain, draw).
+        init_loss: L(w*), the mean of the paired baseline L_B(w*) over the draws' minibatches.
+        diagnostics: MALA acceptance, split R-hat and ESS of the λ̂ traces, fraction of draws
+            below the baseline, diverged chains, calibration details.
+        settings: the sampler settings used, including values chosen automatically.
+        warnings: plain-words warnings when diagnostics look bad.
+        llc_trace: nβ·(L_B(w_t) − L_B(w*)) per draw, shape (chain, draw): λ̂ is its mean.
+        baseline_trace: L_B(w*) of each draw's minibatch, shape (draw,).
+    """
+
+    llc_mean: float
+    llc_std: float
+    llc_per_chain: np.ndarray
+    loss_trace: np.ndarray
+    init_loss: float
+    diagnostics: dict[str, Any]
+    settings: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    llc_trace: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    baseline_trace: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    chain_acceptance: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat JSON-able summary (no traces): what a row of the λ̂ table holds."""
+        out: dict[str, Any] = {
+            "llc_mean": self.llc_mean,
+            "llc_std": self.llc_std,
+            "init_loss": self.init_loss,
+            "llc_per_chain": [float(x) for x in self.llc_per_chain],
+        }
+        for k, v in self.diagnostics.items():
+            if isinstance(v, (int, float, bool, str)) or v is None:
+                out[k] = v
+            elif isinstance(v, (list, tuple)):
+                out[k] = list(v)
+        for k, v in self.settings.items():
+            out[k] = v
+        out["warnings"] = list(self.warnings)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Scalar metrics for experiment loggers: ``llc/mean``, ``llc/std``, ``llc/<diagnostic>``."""
+        out = {"llc/mean": self.llc_mean, "llc/std": self.llc_std, "llc/init_loss": self.init_loss}
+        for k in ("mala_acceptance", "rhat", "ess", "frac_below_baseline", "num_diverged",
+                  "step_size", "nbeta"):
+            v = self.diagnostics.get(k, self.settings.get(k))
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"llc/{k}"] = float(v)
+        return out
+
+
+def _summarize(llc_trace: np.ndarray, loss_trace: np.ndarray, baseline: np.ndarray,
+               accept: np.ndarray, diverged: np.ndarray, settings: dict[str, Any],
+               extra: dict[str, Any]) -> LLCResult:
+    """Build an :class:`LLCResult` from per-chain arrays (also used to merge DDP shards)."""
+    ok = ~diverged
+    if not ok.any():
+        raise AllChainsDivergedError(
+            f"all {len(diverged)} SGLD chains diverged (non-finite or exploding loss) at "
+            f"step_size={settings.get('step_size'):.3g}; pass a smaller step_size (e.g. 10x "
+            "smaller), a larger localization, or check that the model's loss is finite at w*"
+        )
+    per_chain = np.where(ok, llc_trace.mean(axis=1), np.nan)
+    good = llc_trace[ok]
+    llc_mean = float(np.mean(per_chain[ok]))
+    llc_std = float(np.std(per_chain[ok], ddof=1)) if ok.sum() > 1 else 0.0
+    diag: dict[str, Any] = dict(extra)
+    diag.update(
+        mala_acceptance=float(np.nanmean(accept[ok])) if accept.size else float("nan"),
+        rhat=split_rhat(good) if good.shape[0] > 1 else float("nan"),
+        ess=ess(good),
+        frac_below_baseline=float(np.mean(good < 0)),
+        num_diverged=int(diverged.sum()),
+        diverged_chains=[int(i) for i in np.flatnonzero(diverged)],
+    )
+    half = good.shape[1] // 2
+    if half >= 2:
+        # Drift: how far the second half of the draws moved from the first, in units of the
+        # per-chain spread of λ̂ (a flat trace gives ~0; a trace still climbing gives a lot).
+        first, second = good[:, :half].mean(), good[:, half:].mean()
+        spread = max(np.std(good.mean(axis=1)), np.std(good) / math.sqrt(good.shape[1]), 1e-12)
+        diag["drift"] = float((second - first) / spread)
+    result = LLCResult(
+        llc_mean=llc_mean, llc_std=llc_std, llc_per_chain=per_chain,
+        loss_trace=loss_trace, init_loss=float(np.mean(baseline)), diagnostics=diag,
+        settings=dict(settings), llc_trace=llc_trace, baseline_trace=baseline,
+        chain_acceptance=accept,
+    )
+    result.warnings = _warnings(result)
+    return result
+
+
+def _warnings(r: LLCResult) -> list[str]:
+    d, out = r.diagnostics, []
+    n = len(r.llc_per_chain)
+    if d["num_diverged"]:
+        out.append(f"{d['num_diverged']} of {n} chains diverged and were left out of the "
+                   "mean; a smaller step_size avoids this")
+    acc = d["mala_acceptance"]
+    if np.isfinite(acc) and acc < 0.5:
+        out.append(f"MALA acceptance is {acc:.2f} (healthy is ~0.9): the step size is too large "
+                   "and inflates λ̂; use a smaller step_size")
+    if d["frac_below_baseline"] > 0.3 and r.llc_mean < 0:
+        out.append(f"{d['frac_below_baseline']:.0%} of draws have a loss below the loss at w* "
+                   "and λ̂ is negative: w* is probably not a local minimum (train longer, or the "
+                   "sampler keeps optimizing)")
+    rhat = d["rhat"]
+    if np.isfinite(rhat) and rhat > 1.1:
+        out.append(f"split R-hat is {rhat:.2f} (> 1.1): chains disagree or have not mixed; use "
+                   "more draws or burn-in")
+    if abs(d.get("drift", 0.0)) > 4:
+        out.append(f"the λ̂ trace still drifts ({d['drift']:+.1f} spreads between halves): "
+                   "increase num_burnin")
+    return out
+
+
+def merge_results(results: Sequence[LLCResult]) -> LLCResult:
+    """Merge results of disjoint chain ranges (e.g. DDP ranks) into one, as if run together."""
+    if not results:
+        raise ValueError("merge_results needs at least one LLCResult")
+    base = np.asarray(results[0].baseline_trace)
+    for r in results[1:]:
+        if r.llc_trace.shape[1] != results[0].llc_trace.shape[1]:
+            raise ValueError("cannot merge results with different num_draws")
+    diverged = np.concatenate([np.isnan(r.llc_per_chain) for r in results])
+    settings = dict(results[0].settings)
+    settings["num_chains"] = int(sum(len(r.llc_per_chain) for r in results))
+    extra = {k: v for k, v in results[0].diagnostics.items()
+             if k.startswith("calibration") or k in ("hessian_top", "elapsed_s")}
+    return _summarize(
+        np.concatenate([r.llc_trace for r in results]),
+        np.concatenate([r.loss_trace for r in results]),
+        base,
+        np.concatenate([r.chain_acceptance for r in results]),
+        diverged,
+        settings,
+        extra,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch) if not hasattr(
+            batch, "_fields") else type(batch)(*(_to_device(v, device) for v in batch))
+    return batch
+
+
+class _TensorBatches:
+    """Minibatches drawn without replacement (a fresh permutation per epoch) from tensors."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device):
+        self.inputs, self.targets = inputs.to(device), targets.to(device)
+        self.n = len(inputs)
+        self.batch_size = min(batch_size, self.n)
+
+    def iterate(self, seed: int) -> Iterator[Any]:
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            perm = torch.randperm(self.n, generator=g).to(self.inputs.device)
+            for i in range(0, self.n - self.batch_size + 1, self.batch_size):
+                idx = perm[i : i + self.batch_size]
+                yield self.inputs[idx], self.targets[idx]
+
+
+class _LoaderBatches:
+    """Minibatches from a DataLoader, reshuffled from ``seed`` (never the global RNG)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, n: int | None):
+        self.loader, self.device, self.n = loader, device, n
+
+    def iterate(self, seed: int) -> Iterator[Any]:
+        loader = self.loader
+        if not isinstance(loader.dataset, IterableDataset):
+            loader = DataLoader(
+                loader.dataset, batch_size=loader.batch_size, shuffle=True,
+                generator=torch.Generator().manual_seed(seed), collate_fn=loader.collate_fn,
+                drop_last=loader.drop_last, num_workers=0,
+            )
+        while True:
+            empty = True
+            for batch in loader:
+                empty = False
+                yield _to_device(batch, self.device)
+            if empty:
+                raise ValueError("data is empty: the DataLoader produced no batch")
+
+
+def _batch_source(data: Any, batch_size: int, device: torch.device,
+                  num_samples: int | None) -> _TensorBatches | _LoaderBatches:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(
+        isinstance(t, Tensor) for t in data
+    ):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"data: inputs have {len(x)} rows but targets have {len(y)}; "
+                             "pass tensors with the same first dimension")
+        if len(x) == 0:
+            raise ValueError("data is empty: pass at least one sample")
+        return _TensorBatches(x, y, batch_size, device)
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        return _batch_source(tuple(data.tensors), batch_size, device, num_samples)
+    if isinstance(data, DataLoader):
+        n = num_samples
+        if n is None and not isinstance(data.dataset, IterableDataset):
+            n = len(data.dataset)
+        if n == 0:
+            raise ValueError("data is empty: the DataLoader's dataset has no sample")
+        return _LoaderBatches(data, device, n)
+    if isinstance(data, Dataset):
+        if isinstance(data, IterableDataset):
+            loader = DataLoader(data, batch_size=batch_size)
+            return _LoaderBatches(loader, device, num_samples)
+        if len(data) == 0:
+            raise ValueError("data is empty: the Dataset has no sample")
+        loader = DataLoader(data, batch_size=min(batch_size, len(data)))
+        return _LoaderBatches(loader, device, len(data))
+    raise TypeError(
+        f"data must be a Dataset, a DataLoader or a tuple (inputs, targets) of tensors, got "
+        f"{type(data).__name__}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class _Problem:
+    """Everything the chains need: the loss as a function of parameters, the anchor w*, data."""
+
+    model: nn.Module
+    anchor: dict[str, Tensor]
+    consts: dict[str, Tensor]
+    loss_fn: LossFn | None
+    batch_loss: BatchLoss | None
+    source: _TensorBatches | _LoaderBatches
+    device: torch.device
+
+    def loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
+        tensors = {**self.consts, **params}
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.model, tensors, args, kwargs, tie_weights=False)
+
+        if self.batch_loss is not None:
+            return self.batch_loss(forward, batch)
+        inputs, targets = batch
+        return self.loss_fn(forward(inputs), targets)
+
+
+def _chain_generators(seed: int, chains: Sequence[int], device: torch.device) -> list:
+    gens = []
+    for c in chains:
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1_000_003 + 7919 * (c + 1)) % (2**63 - 1))
+        gens.append(g)
+    return gens
+
+
+def _noise(gens: list, anchor: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Standard normal noise shaped (chain, *param) with each chain's own generator."""
+    total = sum(v.numel() for v in anchor.values())
+    ref = next(iter(anchor.values()))
+    flat = torch.stack([torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype)
+                        for g in gens])
+    out, i = {}, 0
+    for k, v in anchor.items():
+        out[k] = flat[:, i : i + v.numel()].view(len(gens), *v.shape)
+        i += v.numel()
+    return out
+
+
+@dataclass
+class _ChainRun:
+    loss: np.ndarray  # (chain, draw) L_B(w_t)
+    baseline: np.ndarray  # (draw,) L_B(w*)
+    accept: np.ndarray  # (chain,) mean MALA acceptance over recorded transitions
+    diverged: np.ndarray  # (chain,) bool
+    final: dict[str, Tensor]  # last positions (chain, *param)
+
+
+def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: float,
+                nbeta: float, localization: float, sampler: str, num_burnin: int,
+                num_draws: int, vectorize: bool, accept_every: int = 16,
+                progress: Any = None) -> _ChainRun:
+    """Run the given chains from w* and record losses after burn-in (one chunk of chains)."""
+    C = len(chains)
+    anchor_c = {k: v.unsqueeze(0).expand(C, *v.shape) for k, v in prob.anchor.items()}
+    state = sampling.sampler_init(anchor_c, sampler)
+    gens = _chain_generators(seed, chains, prob.device)
+    grad_fn = grad_and_value(prob.loss)
+    if vectorize:
+        vgrad = vmap(grad_fn, in_dims=(0, None))
+    else:
+        def vgrad(params: dict[str, Tensor], batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+            outs = [grad_fn({k: v[c] for k, v in params.items()}, batch) for c in range(C)]
+            return ({k: torch.stack([g[k] for g, _ in outs]) for k in params},
+                    torch.stack([val for _, val in outs]))
+
+    total = num_burnin + num_draws
+    dev = prob.device
+    loss_rec = torch.full((C, num_draws), float("nan"), device=dev)
+    base_rec = torch.zeros(num_draws, device=dev)
+    acc_sum = torch.zeros(C, device=dev)
+    acc_n = 0
+    diverged = torch.zeros(C, dtype=torch.bool, device=dev)
+    batches = prob.source.iterate(seed)
+    for t in range(total):
+        batch = next(batches)
+        grads, losses = vgrad(state.position, batch)
+        with torch.no_grad():
+            base = prob.loss(prob.anchor, batch).detach()
+            if t == 0 and not torch.isfinite(base):
+                raise ValueError(
+                    f"the loss at w* is not finite ({base.item()}); estimate λ̂ only at a "
+                    "checkpoint whose loss is finite"
+                )
+            losses = losses.detach().to(base.dtype)
+            centered = losses - base
+            bad = ~torch.isfinite(losses) | (centered.abs() > _DIVERGENCE_FACTOR * (base.abs() + 1))
+            diverged |= bad
+            dr = sampling.drift(state.position, grads, anchor_c, nbeta, localization)
+            if t >= num_burnin:
+                loss_rec[:, t - num_burnin] = torch.where(diverged, float("nan"), losses)
+                base_rec[t - num_burnin] = base
+            G = sampling.preconditioner(state, dr, first=t == 0)
+            new = sampling.sgld_step(state, dr, _noise(gens, prob.anchor), step_size, G)
+        if accept_every and t >= num_burnin and (t - num_burnin) % accept_every == 0:
+            # MALA acceptance of this very transition, both ends on the same minibatch (on
+            # different minibatches the energy difference is dominated by minibatch noise).
+            grads_new, losses_new = vgrad(new.position, batch)
+            with torch.no_grad():
+                u = nbeta * centered + 0.5 * localization * sampling.sq_distance(
+                    state.position, anchor_c)
+                u_new = nbeta * (losses_new.detach().to(base.dtype) - base) + (
+                    0.5 * localization * sampling.sq_distance(new.position, anchor_c))
+                dr_new = sampling.drift(new.position, grads_new, anchor_c, nbeta, localization)
+                log_a = sampling.mala_log_accept(state.position, new.position, u, u_new, dr,
+                                                 dr_new, step_size, G)
+                acc_sum += torch.exp(torch.clamp(torch.nan_to_num(log_a, nan=-1e30), max=0.0))
+                acc_n += 1
+        with torch.no_grad():
+            # A diverged chain restarts at w* so it cannot poison later arithmetic; its records
+            # stay NaN and it is left out of λ̂.
+            for k, v in new.position.items():
+                new.position[k] = torch.where(diverged.view(C, *([1] * (v.dim() - 1))),
+                                              anchor_c[k], v)
+            state = new
+        if progress is not None:
+            progress.update(C)
+    accept = (acc_sum / max(acc_n, 1)).cpu().numpy() if acc_n else np.full(C, np.nan)
+    return _ChainRun(loss_rec.cpu().double().numpy(), base_rec.cpu().double().numpy(), accept,
+                     diverged.cpu().numpy(), state.position)
+
+
+def _hessian_top(prob: _Problem, params: dict[str, Tensor], batch: Any, iters: int = 10,
+                 seed: int = 0) -> float:
+    """Largest-magnitude Hessian eigenvalue of the minibatch loss at ``params`` (power iteration)."""
+    g = torch.Generator(device=prob.device).manual_seed(seed)
+    v = {k: torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+         for k, p in params.items()}
+    grad_fn = grad(lambda p: prob.loss(p, batch))
+    lam = 0.0
+    for _ in range(iters):
+        norm = torch.sqrt(sum((x * x).sum() for x in v.values()))
+        if not torch.isfinite(norm) or norm == 0:
+            return lam
+        v = {k: x / norm for k, x in v.items()}
+        _, hv = jvp(grad_fn, (params,), (v,))
+        lam = float(sum((hv[k] * v[k]).sum() for k in v))
+        v = {k: x.detach() for k, x in hv.items()}
+    return abs(lam)
+
+
+def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, sampler: str,
+               vectorize: bool, pilot_steps: int, num_pilot: int) -> tuple[float, dict]:
+    """Choose ε from data alone: curvature cap, then short pilot chains that must not diverge,
+    must keep a MALA acceptance near 0.9, and must not find a curvature the cap did not know."""
+    batch = next(prob.source.iterate(seed + 1))
+    h0 = _hessian_top(prob, prob.anchor, batch, seed=seed)
+    a_max = nbeta * h0 + localization
+    eps = _STEP_CAP / a_max
+    rounds = []
+    for _ in range(8):
+        run = _run_chains(prob, range(num_pilot), seed=seed + 2, step_size=eps, nbeta=nbeta,
+                          localization=localization, sampler=sampler, num_burnin=pilot_steps // 2,
+                          num_draws=pilot_steps - pilot_steps // 2, vectorize=vectorize,
+                          accept_every=2)
+        acc = float(np.nanmean(run.accept)) if np.isfinite(run.accept).any() else 0.0
+        diverged = bool(run.diverged.any())
+        h = 0.0 if diverged else _hessian_top(
+            prob, {k: v[0].contiguous() for k, v in run.final.items()}, batch, seed=seed)
+        rounds.append({"step_size": eps, "acceptance": acc, "diverged": diverged,
+                       "hessian_top": h})
+        new = eps
+        if diverged:
+            new = eps / 10
+        else:
+            new = min(new, _STEP_CAP / (nbeta * h + localization))
+            if acc < _TARGET_ACCEPT:
+                new = min(new, eps / 2)
+        if new >= 0.8 * eps:
+            break
+        eps = new
+    return eps, {"calibration_rounds": len(rounds), "hessian_top": h0,
+                 "calibration_acceptance": rounds[-1]["acceptance"]}
+
+
+def estimate_llc(
+    model: nn.Module,
+    data: Dataset | DataLoader | tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+    *,
+    batch_loss: BatchLoss | None = None,
+    num_chains: int = 4,
+    num_draws: int = 200,
+    num_burnin: int | None = None,
+    batch_size: int = 256,
+    step_size: float | Literal["auto"] = "auto",
+    localization: float | None = None,
+    nbeta: float | None = None,
+    sampler: Literal["sgld", "rmsprop_sgld"] = "sgld",
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    num_samples: int | None = None,
+    first_chain: int = 0,
+    chain_chunk_size: int | None = None,
+    vectorize: bool = True,
+    progress: bool = False,
+) -> LLCResult:
+    """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
+
+    λ̂ = nβ·(E[L_B(w)] − L_B(w*)) with w drawn by SGLD from
+    p(w) ∝ exp(−nβ·L(w) − (γ/2)·‖w − w*‖²); the baseline L_B(w*) is paired with every draw's
+    minibatch (see the module docstring for why).
+
+    Args:
+        model: the network at w*. Only parameters with ``requires_grad`` are sampled; buffers
+            (e.g. BatchNorm statistics) are held fixed and the model is evaluated in eval mode.
+            The model itself is never modified.
+        data: a ``Dataset``, a ``DataLoader`` (its dataset is reshuffled from ``seed``) or a
+            tuple ``(inputs, targets)`` of tensors.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss of a batch. It should be a
+            negative log-likelihood up to a constant (e.g. cross entropy, or ½·squared error for
+            unit-variance Gaussian noise) for λ̂ to estimate λ.
+        batch_loss: instead of ``loss_fn``, for batches that are not ``(inputs, targets)``:
+            ``batch_loss(forward, batch)`` -> scalar, where ``forward(*args)`` runs the model at
+            the sampled weights.
+        num_chains: number of independent chains (λ̂ per chain, std across chains).
+        num_draws: recorded draws per chain, after burn-in.
+        num_burnin: steps discarded at the start of each chain (they start at w* and would bias
+            λ̂ low). Default: equal to ``num_draws``.
+        batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own).
+        step_size: ε, or ``"auto"``: ε from the top Hessian eigenvalue (ε·(nβ·λ_max + γ) =
+            0.1) and short pilot chains that must not diverge and must keep a MALA acceptance
+            of ~0.9 (halving ε otherwise).
+        localization: γ, the strength of the pull to w*. Default 1.0. Keep γ ≪ nβ·curvature or
+            λ̂ is pushed down.
+        nbeta: nβ, the inverse temperature times n. Default n/log n with n the number of
+            samples (Lau et al.). Always report nβ with λ̂: other conventions change it a lot.
+        sampler: ``"sgld"`` or ``"rmsprop_sgld"`` (RMSProp-preconditioned).
+        seed: seeds minibatch order and each chain's noise; the global RNG is untouched.
+        device: where to sample. Default: the device of the model's parameters.
+        num_samples: n, when ``data`` has no length (an IterableDataset).
+        first_chain: index of the first chain; chains are seeded by (seed, index), so split
+            ranges (DDP ranks) reproduce one run. Merge them with :func:`merge_results`.
+        chain_chunk_size: run at most this many chains at once (memory); same numbers.
+        vectorize: batch chains with ``torch.func.vmap`` (True) or loop over them (False).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        An :class:`LLCResult`. Arrays of samples are shaped (chain, draw).
+
+    Raises:
+        ValueError / TypeError: bad arguments, named with what to do instead.
+        AllChainsDivergedError: every chain diverged (use a smaller step size).
+    """
+    t_start = time.perf_counter()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True); unfreeze the "
+                         "weights whose λ̂ you want")
+    for name, value in (("num_chains", num_chains), ("num_draws", num_draws)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if num_burnin is not None and (not isinstance(num_burnin, int) or num_burnin < 0):
+        raise ValueError(f"num_burnin must be an integer >= 0 or None, got {num_burnin!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if (loss_fn is None) == (batch_loss is None):
+        raise TypeError("pass exactly one of loss_fn(outputs, targets) or "
+                        "batch_loss(forward, batch)")
+    if sampler not in sampling.SAMPLERS:
+        raise ValueError(f"sampler must be one of {sampling.SAMPLERS}, got {sampler!r}")
+    if step_size != "auto" and not (isinstance(step_size, (int, float)) and step_size > 0):
+        raise ValueError(f"step_size must be a positive float or 'auto', got {step_size!r}")
+    if localization is not None and localization < 0:
+        raise ValueError(f"localization must be >= 0, got {localization}")
+    if nbeta is not None and not nbeta > 0:
+        raise ValueError(f"nbeta must be > 0, got {nbeta}")
+    if chain_chunk_size is not None and chain_chunk_size < 1:
+        raise ValueError(f"chain_chunk_size must be >= 1, got {chain_chunk_size}")
+
+    dev = torch.device(device) if device is not None else next(iter(params.values())).device
+    source = _batch_source(data, batch_size, dev, num_samples)
+    n = source.n
+    if nbeta is None:
+        if n is None:
+            raise ValueError("cannot infer n for nbeta = n/log n from an IterableDataset; pass "
+                             "num_samples=n or nbeta=...")
+        if n < 2:
+            raise ValueError(f"need at least 2 samples for the default nbeta = n/log n, got {n}")
+        nbeta = n / math.log(n)
+    gamma = DEFAULT_LOCALIZATION if localization is None else float(localization)
+    burnin = num_draws if num_burnin is None else num_burnin
+
+    named = dict(model.named_parameters())
+    anchor = {k: v.detach().to(dev).clone() for k, v in params.items()}
+    consts = {k: v.detach().to(dev) for k, v in named.items() if k not in params}
+    consts.update({k: v.detach().to(dev) for k, v in model.named_buffers()})
+    prob = _Problem(model, anchor, consts, loss_fn, batch_loss, source, dev)
+
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=cuda):
+            _check_loss(prob, seed)
+            if step_size == "auto":
+                eps, calib = _calibrate(prob, seed=seed, nbeta=nbeta, localization=gamma,
+                                        sampler=sampler, vectorize=vectorize,
+                                        pilot_steps=max(20, min(60, (burnin + num_draws) // 8)),
+                                        num_pilot=min(2, num_chains))
+            else:
+                eps, calib = float(step_size), {}
+            t_cal = time.perf_counter() - t_start
+            chains = list(range(first_chain, first_chain + num_chains))
+            chunk = chain_chunk_size or num_chains
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=num_chains * (burnin + num_draws), desc="LLC", unit="step",
+                           leave=False)
+            runs = [
+                _run_chains(prob, chains[i : i + chunk], seed=seed, step_size=eps, nbeta=nbeta,
+                            localization=gamma, sampler=sampler, num_burnin=burnin,
+                            num_draws=num_draws, vectorize=vectorize, progress=bar)
+                for i in range(0, num_chains, chunk)
+            ]
+            if bar is not None:
+                bar.close()
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+
+    loss = np.concatenate([r.loss for r in runs])
+    baseline = runs[0].baseline
+    settings = {
+        "nbeta": float(nbeta), "step_size": float(eps), "localization": gamma,
+        "num_chains": num_chains, "num_draws": num_draws, "num_burnin": burnin,
+        "batch_size": getattr(source, "batch_size", batch_size), "sampler": sampler,
+        "seed": seed, "num_samples": n, "step_size_auto": step_size == "auto",
+    }
+    extra = dict(calib)
+    extra["calibration_s"] = t_cal if step_size == "auto" else 0.0
+    extra["elapsed_s"] = time.perf_counter() - t_start
+    return _summarize(
+        nbeta * (loss - baseline[None, :]), loss, baseline,
+        np.concatenate([r.accept for r in runs]),
+        np.concatenate([r.diverged for r in runs]), settings, extra,
+    )
+
+
+def _check_loss(prob: _Problem, seed: int) -> None:
+    """Fail early, with a clear message, on a loss that is not a finite scalar at w*."""
+    batch = next(prob.source.iterate(seed))
+    with torch.no_grad():
+        value = prob.loss(prob.anchor, batch)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar mean loss of the batch, got {shape}; reduce it "
+            "(e.g. reduction='mean')"
+        )
+    if not torch.isfinite(value):
+        raise ValueError(f"the loss at w* is not finite ({value.item()}); estimate λ̂ only at a "
+                         "checkpoint whose loss is finite")
