@@ -259,8 +259,9 @@ def log_range(span: tuple[int, int] | None) -> list[float]:
 
 
 def _step_axis(range_: list[float], **extra: Any) -> dict:
-    return {"type": "log", "range": range_, "exponentformat": "SI", "gridcolor": GRID,
-            "linecolor": "#999", "ticks": "outside", "ticklen": 4, **extra}
+    # dtick "D2": label 1, 2 and 5 of each decade (not a "9" left of step 1).
+    return {"type": "log", "range": range_, "dtick": "D2", "exponentformat": "SI",
+            "gridcolor": GRID, "linecolor": "#999", "ticks": "outside", "ticklen": 4, **extra}
 
 
 def _value_axis(**extra: Any) -> dict:
@@ -433,7 +434,9 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
     layout.update({
         "xaxis": _step_axis(xr, anchor="y", showticklabels=False),
         "yaxis": _value_axis(domain=[split + 0.035, 1.0], title={"text": "loss"},
-                             type="log" if log_loss else "linear", exponentformat="power"),
+                             **({"type": "log", "dtick": "D2"} if log_loss
+                                else {"type": "linear"}),
+                             exponentformat="power"),
         "xaxis2": _step_axis(xr, anchor="y2", matches="x",
                              **({} if multi else {"title": {"text": STEP_AXIS_TITLE}})),
         "yaxis2": _value_axis(domain=[llc_bottom, split - 0.035],
