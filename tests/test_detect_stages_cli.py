@@ -1,0 +1,126 @@
+"""tools/detect_stages.py and ``devinterp stages``, end to end on a CSV and on a run directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from devinterp import cli
+from devinterp.stages import log_step
+from devinterp.store import STAGES_FILE, RunStore, load_run
+from devinterp.synthetic import language_model_transitions, planted_llc_curve
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "detect_stages.py"
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("detect_stages_tool", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def planted() -> tuple[pd.DataFrame, list[int], list[str]]:
+    return planted_llc_curve(language_model_transitions(), noise=0.002, seed=11)
+
+
+def _check(stages: list[dict], truth: list[int], types: list[str]) -> None:
+    assert [s["type"] for s in stages] == types
+    ends = [s["end_step"] for s in stages[:-1]]
+    assert np.all(np.abs(log_step(ends) - log_step(truth)) <= 0.1), (ends, truth)
+
+
+def test_csv_end_to_end_in_a_subprocess(tmp_path, planted) -> None:
+    curve, truth, types = planted
+    csv = tmp_path / "llc.csv"
+    curve.to_csv(csv, index=False)
+    out = subprocess.run([sys.executable, str(TOOL), str(csv), "--json"], capture_output=True,
+                         text=True, cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr
+    _check(json.loads(out.stdout), truth, types)  # stdout is only the JSON list
+    out = subprocess.run([sys.executable, str(TOOL), str(csv)], capture_output=True, text=True,
+                         cwd=tmp_path, check=False)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["stage", "type", "start", "end"] and len(lines) == 6
+    assert lines[3].split()[1] == "B"  # the shallow falling stage
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llc.csv"]  # nothing written
+
+
+def test_run_directory_writes_stages_json(tmp_path, planted, capsys) -> None:
+    curve, truth, types = planted
+    store = RunStore(tmp_path / "run", create=True)
+    for row in curve[["step", "llc_mean", "llc_std"]].to_dict("records"):
+        store.write_llc_row(row)
+    store.write_metrics([{"step": int(s), "loss": float(v)}
+                         for s, v in zip(curve["step"], curve["loss"], strict=True)])
+    assert _tool().run([str(store.path), "--json", "--min-stage-length", "0.04"]) == 0
+    captured = capsys.readouterr()
+    stages = json.loads(captured.out)
+    _check(stages, truth, types)
+    assert all(s["loss_change"] is not None for s in stages)
+    assert "wrote" in captured.err and STAGES_FILE in captured.err
+    doc = store.read_json(STAGES_FILE)
+    assert doc["method"] == "critical" and doc["params"]["min_stage_length"] == 0.04
+    assert load_run(store.path).stages == stages
+    # The same through the package's console script, which also writes the run directory.
+    (store.path / STAGES_FILE).unlink()
+    assert cli.main(["stages", str(store.path), "--method", "pelt"]) == 0
+    assert "stage" in capsys.readouterr().out
+    assert store.read_json(STAGES_FILE)["method"] == "pelt"
+    assert _tool().run([str(store.path), "--no-write", "--json"]) == 0
+    assert store.read_json(STAGES_FILE)["method"] == "pelt"
+
+
+def test_nan_rows_reported_on_stderr(tmp_path, planted, capsys) -> None:
+    curve, truth, types = planted
+    curve = curve.copy()
+    curve.loc[[10, 90], "llc_mean"] = np.nan
+    csv = tmp_path / "nan.csv"
+    curve.to_csv(csv, index=False)
+    assert _tool().run([str(csv), "--json"]) == 0
+    captured = capsys.readouterr()
+    _check(json.loads(captured.out), truth, types)
+    steps = curve["step"][[10, 90]].tolist()
+    assert f"skipped 2 checkpoint(s) with NaN λ̂ (steps {steps[0]}, {steps[1]})" in captured.err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist; pass a run directory or a CSV"),
+    ("no_llc_column", "has no column llc_mean"),
+    ("too_few", "stage detection needs at least 5"),
+    ("empty_run", "has no llc.csv; estimate λ̂ first"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case: str, message: str) -> None:
+    path = tmp_path / f"{case}.csv"
+    if case == "no_llc_column":
+        pd.DataFrame({"step": [0, 1, 2], "llc": [1.0, 2.0, 3.0]}).to_csv(path, index=False)
+    elif case == "too_few":
+        pd.DataFrame({"step": [0, 1, 2], "llc_mean": [1.0, 2.0, 3.0]}).to_csv(path, index=False)
+    elif case == "empty_run":
+        path = RunStore(tmp_path / "run", create=True).path
+    assert _tool().run([str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("detect_stages.py: error: ")
+    assert message in lines[0]
+
+
+def test_constant_curve_is_one_stage(tmp_path, capsys) -> None:
+    csv = tmp_path / "flat.csv"
+    pd.DataFrame({"step": [0, 10, 100, 1000, 10_000, 100_000], "llc_mean": 2.5}).to_csv(
+        csv, index=False)
+    assert _tool().run([str(csv), "--json"]) == 0
+    stages = json.loads(capsys.readouterr().out)
+    assert len(stages) == 1 and stages[0]["start_step"] == 0
+    assert stages[0]["end_step"] == 100_000 and stages[0]["llc_change"] == 0.0

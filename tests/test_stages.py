@@ -1,0 +1,237 @@
+"""Stage detection (devinterp.stages) against planted truth (devinterp.synthetic)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import ruptures as rpt
+
+from devinterp.stages import (
+    ChangePoints,
+    CriticalPoints,
+    _WeightedLinearCost,
+    detect_stages,
+    estimate_noise,
+    log_step,
+    make_detector,
+    relative_sd,
+    write_stages,
+)
+from devinterp.store import STAGES_FILE, RunStore, load_run
+from devinterp.synthetic import (
+    Transition,
+    checkpoint_steps,
+    in_context_regression_transitions,
+    language_model_transitions,
+    planted_llc_curve,
+    planted_milestones,
+    random_transitions,
+)
+
+MARGIN = 0.1  # decades of log10(step + 1), as in tools/bench_stages.py
+
+
+def assert_recovered(stages: list[dict], truth: list[int], types: list[str]) -> None:
+    """Same number of stages, every planted milestone within MARGIN, the same types."""
+    found = [s["end_step"] for s in stages[:-1]]
+    assert len(found) == len(truth), (found, truth)
+    err = np.abs(log_step(found) - log_step(truth))
+    assert np.all(err <= MARGIN), (found, truth, err)
+    assert [s["type"] for s in stages] == types
+
+
+# -- planted truth -----------------------------------------------------------------------------
+def test_planted_milestones_are_critical_points() -> None:
+    # A rise then an equal fall: by symmetry the peak is midway in log-step.
+    ts = [Transition(99, 5.0, 0.05), Transition(9_999, -5.0, 0.05)]
+    bounds, types = planted_milestones(ts, 0, 100_000)
+    assert types == ["A", "B"]
+    assert abs(float(log_step(bounds[0])) - 3.0) < 1e-3
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.003])
+def test_language_model_curve_recovered(noise: float) -> None:
+    curve, truth, types = planted_llc_curve(language_model_transitions(), noise=noise, seed=3)
+    assert types == ["A", "A", "B", "A", "A"]
+    assert_recovered(detect_stages(curve), truth, types)
+
+
+def test_in_context_regression_curve_recovered() -> None:
+    curve, truth, types = planted_llc_curve(in_context_regression_transitions(),
+                                            max_step=500_000, noise=0.001, seed=1)
+    assert types == ["A", "A", "B", "B", "A"]
+    assert_recovered(detect_stages(curve), truth, types)
+
+
+def test_shallow_b_stage_recovered() -> None:
+    # A fall of 1% of the λ̂ range between two rises, like the paper's stage LM3.
+    rng = np.random.default_rng(7)
+    ts = random_transitions(rng, shallow_b=True)
+    curve, truth, types = planted_llc_curve(ts, noise=0.001, seed=7)
+    assert "B" in types
+    assert_recovered(detect_stages(curve), truth, types)
+
+
+def test_irregular_log_spaced_steps() -> None:
+    rng = np.random.default_rng(0)
+    steps = np.unique(np.round(np.geomspace(1, 50_000, 150)).astype(int))
+    steps = np.sort(rng.choice(steps, int(0.7 * len(steps)), replace=False))
+    curve, truth, types = planted_llc_curve(language_model_transitions()[:2], steps=steps,
+                                            noise=0.002, seed=0)
+    assert_recovered(detect_stages(curve), truth, types)
+
+
+def test_pelt_recovers_well_separated_transitions() -> None:
+    ts = [Transition(300, 5.0, 0.09), Transition(2_000, -4.0, 0.09),
+          Transition(13_000, 6.0, 0.09)]
+    curve, truth, types = planted_llc_curve(ts, noise=0.002, seed=2)
+    assert types == ["A", "B", "A"]
+    for method in ("pelt", "binseg"):
+        assert_recovered(detect_stages(curve, method=method), truth, types)
+
+
+# -- flat curves, NaN rows, input checks ------------------------------------------------------
+@pytest.mark.parametrize("method", ["critical", "pelt"])
+def test_flat_curve_is_one_stage(method: str) -> None:
+    steps = checkpoint_steps(10_000)
+    const = pd.DataFrame({"step": steps, "llc_mean": 3.0})
+    stages = detect_stages(const, method=method)
+    assert len(stages) == 1 and stages[0]["llc_change"] == 0.0
+    assert (stages[0]["start_step"], stages[0]["end_step"]) == (0, 10_000)
+    rng = np.random.default_rng(0)
+    noisy = const.assign(llc_mean=3.0 + 0.05 * rng.standard_normal(len(steps)), llc_std=0.14)
+    assert len(detect_stages(noisy, method=method)) == 1
+
+
+def test_nan_rows_are_skipped_and_reported() -> None:
+    curve, truth, types = planted_llc_curve(language_model_transitions(), noise=0.001, seed=0)
+    curve.loc[[3, 60, 120], "llc_mean"] = np.nan
+    nan_steps = curve["step"][[3, 60, 120]].tolist()
+    with pytest.warns(UserWarning, match="skipped 3 checkpoint") as record:
+        stages = detect_stages(curve)
+    assert all(str(s) in str(record[0].message) for s in nan_steps)
+    assert_recovered(stages, truth, types)
+
+
+def test_too_few_checkpoints() -> None:
+    curve = pd.DataFrame({"step": [0, 10, 100, 1000, 5000, 9000],
+                          "llc_mean": [1.0, 2.0, np.nan, np.nan, 3.0, 3.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="4 checkpoint.*2 NaN skipped.*at least 5"):
+            detect_stages(curve)
+
+
+def test_bad_input_messages(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no column llc_mean.*needs columns step, llc_mean"):
+        detect_stages(pd.DataFrame({"step": [1, 2, 3], "llc": [1, 2, 3]}))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        detect_stages(tmp_path / "nope.csv")
+    with pytest.raises(ValueError, match="duplicate steps"):
+        detect_stages(pd.DataFrame({"step": [0, 1, 1, 2, 3, 4], "llc_mean": np.arange(6.0)}))
+    with pytest.raises(ValueError, match="no llc.csv"):
+        detect_stages(RunStore(tmp_path / "empty", create=True).path)
+    with pytest.raises(ValueError, match="unknown stage method 'gp'"):
+        detect_stages(pd.DataFrame({"step": range(9), "llc_mean": 1.0}), method="gp")
+
+
+# -- stage dicts, uncertainty, run directories ------------------------------------------------
+def test_stage_dicts_are_consistent() -> None:
+    curve, truth, _ = planted_llc_curve(language_model_transitions(), noise=0.003, seed=5)
+    stages = detect_stages(curve)
+    for prev, cur in zip(stages[:-1], stages[1:], strict=True):
+        assert cur["start_step"] == prev["end_step"]
+        assert (cur["start_step_low"], cur["start_step_high"]) == (
+            prev["end_step_low"], prev["end_step_high"])
+    for s in stages:
+        assert s["end_step_low"] <= s["end_step"] <= s["end_step_high"]
+        assert s["type"] == ("A" if s["llc_change"] >= 0 else "B")
+        assert math.isclose(s["llc_change"], s["llc_end"] - s["llc_start"])
+        # The planted loss falls where λ̂ rises.
+        assert (s["loss_change"] < 0) == (s["llc_change"] > 0)
+    assert stages[-1]["end_step_low"] == stages[-1]["end_step_high"] == 50_000
+    # The ranges are 5%-95% intervals: most cover their planted milestone.
+    covered = [s["end_step_low"] <= t <= s["end_step_high"]
+               for s, t in zip(stages[:-1], truth, strict=True)]
+    assert sum(covered) >= 3, (stages, truth)
+
+
+def test_run_directory_and_write_stages(tmp_path) -> None:
+    curve, truth, types = planted_llc_curve(language_model_transitions(), noise=0.002, seed=4)
+    store = RunStore(tmp_path / "run", create=True)
+    for row in curve[["step", "llc_mean", "llc_std"]].to_dict("records"):
+        store.write_llc_row(row)
+    # Metrics logged every 50 steps, with a loss column the detector must find by name.
+    steps = np.arange(0, 50_001, 50)
+    loss = 3.0 - np.interp(log_step(steps), log_step(curve["step"]), curve["llc_mean"]) / 60
+    store.write_metrics([{"step": int(s), "train_loss": float(v), "val_acc": 0.5}
+                         for s, v in zip(steps, loss, strict=True)])
+    for source in (store.path, load_run(store.path)):
+        stages = detect_stages(source)
+        assert_recovered(stages, truth, types)
+        assert all(s["loss_change"] is not None for s in stages)
+        assert all((s["loss_change"] < 0) == (s["type"] == "A") for s in stages)
+    write_stages(store.path, stages, method="critical", params={"min_stage_length": 0.05})
+    doc = store.read_json(STAGES_FILE)
+    assert doc["method"] == "critical" and doc["params"] == {"min_stage_length": 0.05}
+    assert load_run(store.path).stages == stages
+
+
+def test_loss_is_optional() -> None:
+    curve, _, _ = planted_llc_curve(language_model_transitions(), noise=0.002, seed=0)
+    stages = detect_stages(curve.drop(columns=["loss", "llc_std"]))
+    assert all(s["loss_change"] is None for s in stages)
+
+
+# -- detectors, noise, the ruptures cost ---------------------------------------------------------
+def test_detectors_speak_ruptures_verbs() -> None:
+    curve, truth, _ = planted_llc_curve(language_model_transitions(), noise=0.002, seed=1)
+    args = (curve["step"], curve["llc_mean"], curve["llc_std"])
+    for det in (CriticalPoints(min_stage_length=0.05), ChangePoints(algorithm="pelt")):
+        assert det.fit(*args) is det
+        ends = det.predict()
+        assert ends[-1] == 50_000 and ends[:-1] == det.boundaries_
+        assert len(det.boundary_ranges_) == len(det.boundaries_)
+        assert det.fit_predict(*args) == ends
+    with pytest.raises(TypeError):
+        CriticalPoints(0.05)  # keyword-only, as in ruptures
+    with pytest.raises(ValueError, match="plateau_ratio"):
+        make_detector("critical", plateau_ratio=2.0)
+    assert make_detector("auto").params == CriticalPoints().params
+
+
+def test_estimate_noise_ignores_trends() -> None:
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 5, 2000))
+    rel = np.where(x > 2.5, 2.0, 1.0)
+    y = 10 * np.tanh(x - 2) + 0.3 * rel * rng.standard_normal(len(x))
+    assert estimate_noise(x, y, rel) == pytest.approx(0.3, rel=0.1)
+
+
+def test_relative_sd() -> None:
+    assert np.array_equal(relative_sd(None, 3), np.ones(3))
+    r = relative_sd([1.0, np.nan, 1.0, 0.0, 100.0, 1.0, 1.0], 7, window=5)
+    assert np.all(np.isfinite(r)) and r.max() <= 5.0
+    assert r[4] == 1.0  # one wild chain-spread estimate does not move its checkpoint's weight
+
+
+def test_weighted_linear_cost_matches_least_squares() -> None:
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 3, 40))
+    y = 2 * x + rng.standard_normal(40)
+    w = rng.uniform(0.5, 2, 40)
+    cost = _WeightedLinearCost().fit(np.column_stack([y, x, w]))
+    coef = np.polyfit(x[5:30], y[5:30], 1, w=np.sqrt(w[5:30]))
+    rss = float(np.sum(w[5:30] * (y[5:30] - np.polyval(coef, x[5:30])) ** 2))
+    assert cost.error(5, 30) == pytest.approx(rss)
+    # Noiseless piecewise-linear signal: Pelt recovers the breakpoints exactly.
+    x = np.linspace(0, 3, 60)
+    y = np.where(x < 1, x, np.where(x < 2, 1.0, 1 - 2 * (x - 2)))
+    y = np.where((x >= 1) & (x < 2), 5.0, y)
+    cost = _WeightedLinearCost().fit(np.column_stack([y, x, np.ones_like(x)]))
+    bkps = rpt.Pelt(custom_cost=cost, min_size=3, jump=1).fit(cost.signal).predict(pen=1.0)
+    assert bkps == [int(np.argmax(x >= 1)), int(np.argmax(x >= 2)), 60]

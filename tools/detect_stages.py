@@ -1,0 +1,35 @@
+"""Detect developmental stages in a λ̂ curve (a thin CLI over ``devinterp.stages``).
+
+    python tools/detect_stages.py INPUT [--method auto|critical|pelt|binseg] [--json]
+                                        [--min-stage-length DECADES] [--no-write]
+
+INPUT is a run directory or a CSV with columns ``step, llc_mean`` (optional ``llc_std``,
+``loss``). Prints a stage table with the range of each milestone; writes ``stages.json`` into a
+run directory; with ``--json`` prints only a JSON list of stage dicts. Bad input exits with code 2
+and one line on stderr saying what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devinterp.stages import main  # noqa: E402
+
+PROG = "detect_stages.py"
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``main`` with user errors turned into one line on stderr and exit code 2."""
+    try:
+        return main(argv, prog=PROG)
+    except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run())
