@@ -426,6 +426,8 @@ def test_server_lists_runs_and_serves_pages(server: DashboardServer) -> None:
     assert runs[0]["points"] == 5 and runs[0]["flagged"] == 2
     status, body = get(server, "/")
     assert status == 200 and b"exp/a" in body
+    assert b"<title>Runs \xc2\xb7 devinterp dashboard</title>" in body
+    assert not re.search(rb"%[A-Z]+%", body)  # every placeholder filled
     status, body = get(server, "/run/exp/a")
     assert status == 200 and b'src="/static/plotly.js"' in body
     assert b"* plotly.js v" not in body  # served once, cached by the browser

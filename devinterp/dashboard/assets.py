@@ -6,7 +6,7 @@ as HTML. ``window.__dashboard`` reports when the page has drawn (tests and the b
 for ``ready``) and how many times it re-rendered after polling.
 """
 
-PAGE_TEMPLATE = """<!DOCTYPE html>
+_HEAD = """<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -15,7 +15,9 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 <title>%TITLE% · devinterp dashboard</title>
 <style>%STYLE%</style>
 </head>
-<body>
+"""
+
+PAGE_TEMPLATE = _HEAD + """<body>
 <header>
   <div class="topline">
     <h1 id="title"></h1>
@@ -76,16 +78,7 @@ PAGE_TEMPLATE = """<!DOCTYPE html>
 </html>
 """
 
-INDEX_TEMPLATE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="%CSP%">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>Runs · devinterp dashboard</title>
-<style>%STYLE%</style>
-</head>
-<body>
+INDEX_TEMPLATE = _HEAD + """<body>
 <header>
   <div class="topline"><h1>Runs</h1><span id="live" class="live" hidden></span></div>
   <p class="muted">Every folder holding an <code>llc.csv</code> under <code id="root"></code>.
@@ -159,10 +152,21 @@ footer { color: var(--muted); font-size: 12px; padding-bottom: 24px; }
 a { color: #1565c0; }
 """
 
+#: DOM helpers of both scripts: strings from runs only ever go in through ``textContent``.
+_HELPERS = r"""
+  function byId(id) { return document.getElementById(id); }
+  function el(tag, className, text) {
+    var node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+"""
+
 SCRIPT = r"""
 (function () {
   "use strict";
-  // Times in ms since navigation start: script start (plotly.js parsed), main figure drawn,
+""" + _HELPERS + r"""  // Times in ms since navigation start: script start (plotly.js parsed), main figure drawn,
   // everything drawn.
   var status = window.__dashboard = {ready: false, scriptAt: performance.now(), mainAt: null,
                                      drawnAt: null, renders: 0, polls: 0, error: null};
@@ -178,13 +182,6 @@ SCRIPT = r"""
   var traceRequest = 0;
   var llcTableStale = true;
 
-  function byId(id) { return document.getElementById(id); }
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
   function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
   function fmt(x) { return x === null || x === undefined ? "—" : Number(x).toPrecision(4); }
   function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
@@ -555,18 +552,11 @@ SCRIPT = r"""
 INDEX_SCRIPT = r"""
 (function () {
   "use strict";
-  var status = window.__dashboard = {ready: false, polls: 0};
+""" + _HELPERS + r"""  var status = window.__dashboard = {ready: false, polls: 0};
   var config = JSON.parse(document.getElementById("dashboard-config").textContent);
   var runs = JSON.parse(document.getElementById("dashboard-data").textContent);
   var selected = {};
 
-  function byId(id) { return document.getElementById(id); }
-  function el(tag, className, text) {
-    var node = document.createElement(tag);
-    if (className) node.className = className;
-    if (text !== undefined && text !== null) node.textContent = String(text);
-    return node;
-  }
   function encodePath(ref) { return ref.split("/").map(encodeURIComponent).join("/"); }
 
   function updateCompare() {

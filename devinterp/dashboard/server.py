@@ -224,7 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _index(self) -> None:
         srv = self.server
         config = {"runs_url": "/api/runs", "poll_ms": srv.poll_ms, "root": str(srv.root)}
-        body = fill(assets.INDEX_TEMPLATE, CSP=CSP, STYLE=assets.STYLE,
+        body = fill(assets.INDEX_TEMPLATE, CSP=CSP, TITLE="Runs", STYLE=assets.STYLE,
                     CONFIG=script_json(config), DATA=script_json(srv.index()),
                     SCRIPT=assets.INDEX_SCRIPT)
         self._send(200, body.encode(), "text/html; charset=utf-8")
