@@ -343,7 +343,7 @@ class _ChainRun:
 
 def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: float,
                 nbeta: float, localization: float, sampler: str, num_burnin: int,
-                num_draws: int, vectorize: bool, accept_every: int = 16,
+                num_draws: int, vectorize: bool, accept_every: int = 32,
                 progress: Any = None) -> _ChainRun:
     """Run the given chains from w* and record losses after burn-in (one chunk of chains)."""
     C = len(chains)
@@ -367,6 +367,8 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
     acc_n = 0
     diverged = torch.zeros(C, dtype=torch.bool, device=dev)
     batches = prob.source.iterate(seed)
+    G = None
+    delta = math.sqrt(localization) if localization > 0 else 1e-8
     for t in range(total):
         batch = next(batches)
         grads, losses = vgrad(state.position, batch)
@@ -385,7 +387,10 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
             if t >= num_burnin:
                 loss_rec[:, t - num_burnin] = torch.where(diverged, float("nan"), losses)
                 base_rec[t - num_burnin] = base
-            G = sampling.preconditioner(state, dr, first=t == 0)
+            if state.precond is not None and (t < num_burnin or G is None):
+                # RMSProp statistics adapt during burn-in only, then G is frozen, so the draws
+                # come from a fixed-preconditioner Langevin chain with the right target.
+                G = sampling.preconditioner(state, dr, first=t == 0, delta=delta)
             new = sampling.sgld_step(state, dr, _noise(gens, prob.anchor), step_size, G)
         if accept_every and t >= num_burnin and (t - num_burnin) % accept_every == 0:
             # MALA acceptance of this very transition, both ends on the same minibatch (on
@@ -434,6 +439,12 @@ def _hessian_top(prob: _Problem, params: dict[str, Tensor], batch: Any, iters: i
     return abs(lam)
 
 
+def _cap(a_max: float, sampler: str) -> float:
+    """Largest ε for a top curvature ``a_max`` of U. With RMSProp the preconditioner settles
+    near 1/√a in a direction of curvature a, so the effective step ε·G·a is ε·√a."""
+    return _STEP_CAP / (math.sqrt(a_max) if sampler == "rmsprop_sgld" else a_max)
+
+
 def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, sampler: str,
                vectorize: bool, pilot_steps: int, num_pilot: int) -> tuple[float, dict]:
     """Choose ε from data alone: curvature cap, then short pilot chains that must not diverge,
@@ -441,7 +452,7 @@ def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, 
     batch = next(prob.source.iterate(seed + 1))
     h0 = _hessian_top(prob, prob.anchor, batch, seed=seed)
     a_max = nbeta * h0 + localization
-    eps = _STEP_CAP / a_max
+    eps = _cap(a_max, sampler)
     rounds = []
     for _ in range(8):
         run = _run_chains(prob, range(num_pilot), seed=seed + 2, step_size=eps, nbeta=nbeta,
@@ -458,7 +469,7 @@ def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, 
         if diverged:
             new = eps / 10
         else:
-            new = min(new, _STEP_CAP / (nbeta * h + localization))
+            new = min(new, _cap(nbeta * h + localization, sampler))
             if acc < _TARGET_ACCEPT:
                 new = min(new, eps / 2)
         if new >= 0.8 * eps:
@@ -474,14 +485,14 @@ def estimate_llc(
     loss_fn: LossFn | None = None,
     *,
     batch_loss: BatchLoss | None = None,
-    num_chains: int = 4,
-    num_draws: int = 200,
+    num_chains: int = 8,
+    num_draws: int = 400,
     num_burnin: int | None = None,
     batch_size: int = 256,
     step_size: float | Literal["auto"] = "auto",
     localization: float | None = None,
     nbeta: float | None = None,
-    sampler: Literal["sgld", "rmsprop_sgld"] = "sgld",
+    sampler: Literal["sgld", "rmsprop_sgld"] = "rmsprop_sgld",
     seed: int = 0,
     device: str | torch.device | None = None,
     num_samples: int | None = None,
@@ -511,7 +522,7 @@ def estimate_llc(
         num_chains: number of independent chains (λ̂ per chain, std across chains).
         num_draws: recorded draws per chain, after burn-in.
         num_burnin: steps discarded at the start of each chain (they start at w* and would bias
-            λ̂ low). Default: equal to ``num_draws``.
+            λ̂ low). Default: ``num_draws // 2``.
         batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own).
         step_size: ε, or ``"auto"``: ε from the top Hessian eigenvalue (ε·(nβ·λ_max + γ) =
             0.1) and short pilot chains that must not diverge and must keep a MALA acceptance
@@ -520,7 +531,9 @@ def estimate_llc(
             λ̂ is pushed down.
         nbeta: nβ, the inverse temperature times n. Default n/log n with n the number of
             samples (Lau et al.). Always report nβ with λ̂: other conventions change it a lot.
-        sampler: ``"sgld"`` or ``"rmsprop_sgld"`` (RMSProp-preconditioned).
+        sampler: ``"rmsprop_sgld"`` (default): RMSProp-preconditioned SGLD whose preconditioner
+            adapts during burn-in and is then frozen, so draws target the right posterior while
+            flat (singular) and stiff directions mix at similar speeds; or plain ``"sgld"``.
         seed: seeds minibatch order and each chain's noise; the global RNG is untouched.
         device: where to sample. Default: the device of the model's parameters.
         num_samples: n, when ``data`` has no length (an IterableDataset).
@@ -574,7 +587,7 @@ def estimate_llc(
             raise ValueError(f"need at least 2 samples for the default nbeta = n/log n, got {n}")
         nbeta = n / math.log(n)
     gamma = DEFAULT_LOCALIZATION if localization is None else float(localization)
-    burnin = num_draws if num_burnin is None else num_burnin
+    burnin = num_draws // 2 if num_burnin is None else num_burnin
 
     named = dict(model.named_parameters())
     anchor = {k: v.detach().to(dev).clone() for k, v in params.items()}

@@ -38,18 +38,20 @@ def test_regular_linear_regression_matches_d_over_2():
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
     x, y = teacher_data(model, 6, 10_000)
-    r = estimate_llc(model, (x, y), gaussian_nll, num_draws=400, seed=1)
+    r = estimate_llc(model, (x, y), gaussian_nll, seed=1)
     exact = (6 + 1) * 3 / 2
     assert abs(r.llc_mean - exact) < 0.1 * exact, (r.llc_mean, exact, r.diagnostics)
     assert r.settings["nbeta"] == pytest.approx(10_000 / math.log(10_000))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("powers", [(1, 1, 2), (2, 2, 1, 3)])
+@pytest.mark.parametrize("powers", [(1, 1, 2), (2, 2, 2), (1, 2)])
 def test_separable_sum_matches_sum_of_inverse_powers(powers):
+    """Default sampler settings; more chains and draws only for precision: nβ·K at a
+    singular point is Gamma(λ)-distributed, so its relative spread is 1/√λ per draw."""
     model = SeparableSum(powers)
     data = (torch.zeros(10_000, 1), torch.zeros(10_000))
-    r = estimate_llc(model, data, mean_output, num_draws=400, seed=0)
+    r = estimate_llc(model, data, mean_output, num_chains=16, num_draws=1500, seed=0)
     assert abs(r.llc_mean - model.llc()) < 0.1 * model.llc(), (r.llc_mean, model.llc())
 
 
@@ -61,7 +63,7 @@ def test_deep_linear_network_rank_sweep(widths):
     for rank in range(min(widths) + 1):
         model = deep_linear_network(widths, rank, seed=rank)
         x, y = teacher_data(model, widths[0], 10_000, seed=rank)
-        r = estimate_llc(model, (x, y), gaussian_nll, num_draws=400, seed=rank)
+        r = estimate_llc(model, (x, y), gaussian_nll, seed=rank)
         exact = deep_linear_network_llc(widths, rank)
         assert abs(r.llc_mean - exact) < 0.1 * exact, (widths, rank, r.llc_mean, exact)
         estimates.append(r.llc_mean)
@@ -211,7 +213,7 @@ class Cliff(nn.Module):
 def test_some_chains_diverge_are_dropped_and_reported():
     data = (torch.zeros(100, 1), torch.zeros(100))
     r = estimate_llc(Cliff(), data, mean_output, num_chains=8, num_draws=50, num_burnin=0,
-                     step_size=0.02, nbeta=1.0, localization=0.0, seed=0)
+                     step_size=0.02, nbeta=1.0, localization=0.0, seed=0, sampler="sgld")
     nd = r.diagnostics["num_diverged"]
     assert 0 < nd < 8
     assert np.isnan(r.llc_per_chain).sum() == nd
@@ -223,7 +225,7 @@ def test_all_chains_diverging_raises_with_advice():
     data = (torch.zeros(100, 1), torch.zeros(100))
     with pytest.raises(AllChainsDivergedError, match="smaller step_size"):
         estimate_llc(Cliff(), data, mean_output, num_chains=2, num_draws=50, num_burnin=0,
-                     step_size=100.0, nbeta=1.0, localization=0.0)
+                     step_size=100.0, nbeta=1.0, localization=0.0, sampler="sgld")
 
 
 def test_auto_step_size_is_reported_and_user_value_wins():
