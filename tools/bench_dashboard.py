@@ -22,15 +22,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from screenshot_dashboard import CHROMIUM, CHROMIUM_ARGS  # tools/, next to this file
 
 from devinterp.dashboard import build_html
 from devinterp.dashboard.page import plotly_js
 from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 #: Stage ends and λ̂ changes of the language-model run in Hoogland et al. (SCIENCE.md).
 STAGE_ENDS = [900, 6500, 8500, 17000, 50000]
 STAGE_CHANGES = [26.4, 22.5, -1.57, 8.62, 1.77]
@@ -136,15 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        for label, path, build_s in cases:
-            times = []
-            for _ in range(args.repeats):
+        # Cases take turns within each repeat, so a change in machine load hits them alike.
+        times: list[list[tuple[float, float, float]]] = [[] for _ in cases]
+        for _ in range(args.repeats):
+            for k, (_, path, _) in enumerate(cases):
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
-                times.append(time_to_draw(page, path.as_uri()))
+                times[k].append(time_to_draw(page, path.as_uri()))
                 page.close()
-            script, first, drawn = (statistics.median(t[k] for t in times) for k in range(3))
-            rows.append((label, path.stat().st_size / 1e6, build_s, script, first, drawn))
         browser.close()
+    for (label, path, build_s), case_times in zip(cases, times, strict=True):
+        script, first, drawn = (statistics.median(t[k] for t in case_times) for k in range(3))
+        rows.append((label, path.stat().st_size / 1e6, build_s, script, first, drawn))
 
     base = rows[0][5]
     print(f"\n{'case':<28} {'HTML MB':>8} {'build s':>8} {'plotly ms':>10} {'first ms':>9} "
