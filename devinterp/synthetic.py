@@ -180,7 +180,7 @@ def _well_posed(ts: Sequence[Transition], max_step: int) -> bool:
     """Stages at least 0.1 decades long; milestones on clear plateaus (|dλ/dx| at most 15% of
     the peaks beside them; a rise next to a fall must give a true extremum)."""
     bounds, _ = planted_milestones(ts, 0, max_step)
-    xb = np.log10(np.asarray([1.0, *bounds, max_step]) + 1.0)
+    xb = np.log10(np.asarray([0.0, *bounds, max_step]) + 1.0)
     if np.any(np.diff(xb) < 0.1):
         return False
     centers = [np.log10(t.center_step + 1.0) for t in ts]
