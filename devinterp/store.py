@@ -274,6 +274,11 @@ class Run:
         """Per-chain loss trace (chain, draw) of the estimate at ``step``, if saved."""
         return RunStore(self.path).load_trace(step)
 
+    @property
+    def trace_steps(self) -> list[int]:
+        """Steps whose chain loss traces were saved."""
+        return RunStore(self.path).trace_steps()
+
 
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run directory written by :class:`devinterp.LLCCallback` or ``devinterp run``."""

@@ -37,7 +37,7 @@ from devinterp.dashboard.figures import (
     rule_for,
     run_color,
 )
-from devinterp.store import Run, RunStore, load_run
+from devinterp.store import Run, load_run
 
 #: Loss-trace values embedded in a written HTML file (chains × draws summed over checkpoints).
 DEFAULT_MAX_TRACE_VALUES = 200_000
@@ -321,7 +321,7 @@ def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
     names = run_names(runs)
     refs = list(refs) if refs is not None else [str(i) for i in range(len(runs))]
     flags = [f for i, run in enumerate(runs) for f in health_flags(run.llc, i)]
-    trace_steps = [RunStore(run.path).trace_steps() for run in runs]
+    trace_steps = [run.trace_steps for run in runs]
     notes: list[str] = []
     traces: dict = {}
     if embed_traces:
