@@ -8,14 +8,15 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -28,11 +29,13 @@ from devinterp.fabric import (
     iter_floats,
     preserved_training_state,
     record_result,
+    resolved_num_chains,
     run_estimator,
     training_data,
     weights_finite,
     write_settings,
 )
+from devinterp.sampling import SAMPLERS
 from devinterp.store import RUN_FILE, RunStore
 
 #: Tensor data up to this size is saved into the run directory (``data.pt``) in deferred mode,
@@ -40,7 +43,6 @@ from devinterp.store import RUN_FILE, RunStore
 MAX_SAVED_DATA_BYTES = 256 * 2**20
 DATA_FILE = "data.pt"
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
-_SAMPLERS = ("sgld", "rmsprop_sgld")
 
 
 class LLCCallback(Callback):
@@ -102,16 +104,19 @@ class LLCCallback(Callback):
         mode: ``"inline"`` estimates during training; ``"deferred"`` only snapshots.
         num_chains: SGLD chains per estimate.
         num_draws: recorded draws per chain.
-        num_burnin: discarded steps per chain (default: num_draws).
+        num_burnin: discarded steps per chain.
         batch_size: SGLD minibatch size.
         step_size: SGLD step size ε, or ``"auto"``.
-        localization: γ, the pull towards the checkpoint (default 1.0).
-        nbeta: nβ (default n/log n, n the number of training samples).
+        localization: γ, the pull towards the checkpoint.
+        nbeta: nβ (the estimator's default is n/log n, n the number of training samples).
         sampler: ``"sgld"`` or ``"rmsprop_sgld"``.
         seed: seed of the chains' noise and minibatch order.
         num_samples: n when the data has no length.
         chain_chunk_size: run at most this many chains at once (memory).
         vectorize: vectorize chains with ``torch.func.vmap``.
+
+        The sampler options default to None: :func:`devinterp.estimate_llc`'s own defaults,
+        which ``devinterp estimate`` also uses (each λ̂ row records the values used).
         data: data to sample with (see above). Default: the training data.
         loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's.
         save_traces: save the per-chain loss traces, shape (chain, draw), to ``dirpath/traces``.
@@ -128,18 +133,18 @@ class LLCCallback(Callback):
         log_spaced: int | None = None,
         include_init: bool = True,
         mode: Literal["inline", "deferred"] = "inline",
-        num_chains: int = 4,
-        num_draws: int = 200,
+        num_chains: int | None = None,
+        num_draws: int | None = None,
         num_burnin: int | None = None,
-        batch_size: int = 256,
-        step_size: float | Literal["auto"] = "auto",
+        batch_size: int | None = None,
+        step_size: float | Literal["auto"] | None = None,
         localization: float | None = None,
         nbeta: float | None = None,
-        sampler: Literal["sgld", "rmsprop_sgld"] = "sgld",
-        seed: int = 0,
+        sampler: Literal["sgld", "rmsprop_sgld"] | None = None,
+        seed: int | None = None,
         num_samples: int | None = None,
         chain_chunk_size: int | None = None,
-        vectorize: bool = True,
+        vectorize: bool | None = None,
         data: Any = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         save_traces: bool = True,
@@ -170,14 +175,15 @@ class LLCCallback(Callback):
                                  ("batch_size", batch_size, 1), ("num_burnin", num_burnin, 0)):
             if value is not None and (not isinstance(value, int) or value < low):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if step_size != "auto" and not (isinstance(step_size, (int, float)) and step_size > 0):
+        if step_size not in (None, "auto") and not (isinstance(step_size, (int, float))
+                                                     and step_size > 0):
             raise ValueError(f"step_size must be a positive float or 'auto', got {step_size!r}")
         if nbeta is not None and not nbeta > 0:
             raise ValueError(f"nbeta must be > 0, got {nbeta!r}")
         if localization is not None and not localization >= 0:
             raise ValueError(f"localization must be >= 0, got {localization!r}")
-        if sampler not in _SAMPLERS:
-            raise ValueError(f"sampler must be one of {_SAMPLERS}, got {sampler!r}")
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -208,14 +214,17 @@ class LLCCallback(Callback):
         self._warned: set[str] = set()
         self._num_snapshots = 0
         self._batch_step = 0
+        self._writer = _BackgroundWriter()
+        self._state_key = self._generate_state_key(
+            dirpath=self.dirpath, mode=self.mode, every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs, steps=self.steps, log_spaced=self.log_spaced,
+        )
 
     # -- identity and resumable state ----------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            dirpath=self.dirpath, mode=self.mode, every_n_train_steps=self.every_n_train_steps,
-            every_n_epochs=self.every_n_epochs, steps=self.steps, log_spaced=self.log_spaced,
-        )
+        # Lightning reads this at every hook call (profiler names): computed once.
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -313,19 +322,25 @@ class LLCCallback(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        # A checkpoint that lists a step as done must find its snapshot on disk.
+        self._writer.wait()
         self._flush_metrics()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled:
             return
+        self._writer.close()
         self._flush_metrics()
         if trainer.is_global_zero and self.progress and self.mode == "deferred":
             self._print(f"LLC: {self._num_snapshots} snapshots in {self._store.path}; "
-                                 f"estimate λ̂ with `devinterp estimate {self._store.path}`")
+                        f"estimate λ̂ with `devinterp estimate {self._store.path}`")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._flush_metrics()
+        try:
+            self._writer.close()
+        finally:
+            self._flush_metrics()
 
     # -- one scheduled step --------------------------------------------------------------------
     def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
@@ -334,7 +349,11 @@ class LLCCallback(Callback):
         start = time.perf_counter()
         self._done.add(step)
         if trainer.is_global_zero:
-            self._store.save_snapshot(step, pl_module.state_dict())
+            # Copied now (training moves the weights on); serialized and synced to disk on the
+            # writer thread, so disk latency stays out of the training loop.
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in
+                       pl_module.state_dict().items()}
+            self._writer.submit(self._store.save_snapshot, step, weights)
             self._num_snapshots += 1
         if self.mode == "deferred":
             return
@@ -348,7 +367,7 @@ class LLCCallback(Callback):
             reason = reason or "non-finite training loss or weights on another rank"
         result: Any = reason
         if reason is None:
-            first, count = chain_range(self.options["num_chains"], world, rank)
+            first, count = chain_range(resolved_num_chains(self.options), world, rank)
             outcome = None
             if count:
                 loss_fn, batch_loss = self._loss
@@ -359,7 +378,9 @@ class LLCCallback(Callback):
             result = _merge(_gather(outcome, world))
         if not trainer.is_global_zero:
             return
-        row = record_result(self._store, step, result, save_trace=self.save_traces)
+        row = record_result(self._store, step, result, save_trace=False)
+        if self.save_traces and not isinstance(result, str):
+            self._writer.submit(self._store.save_trace, step, result.loss_trace)
         if not isinstance(result, str):
             self._log(trainer, step, result.metrics())
         if self.progress:
@@ -465,8 +486,8 @@ class LLCCallback(Callback):
         if tensors is not None and self.mode == "deferred":
             size = sum(t.numel() * t.element_size() for t in tensors)
             if size <= MAX_SAVED_DATA_BYTES:
-                buf = {"tensors": [t.detach().cpu() for t in tensors]}
-                torch.save(buf, self._store.path / DATA_FILE)
+                saved = {"tensors": [t.detach().cpu() for t in tensors]}
+                self._writer.submit(torch.save, saved, self._store.path / DATA_FILE)
                 return {"kind": "file", "file": DATA_FILE}
         if self.data is not None:
             return {"kind": "unrecorded", "repr": repr(type(self.data).__name__)}
@@ -519,12 +540,43 @@ class LLCCallback(Callback):
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=2)
+            rank_zero_warn(message, category=UserWarning)
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
+class _BackgroundWriter:
+    """Runs file writes in order on one thread; a failed write is raised at the next call."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devinterp-writer")
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            f.result()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        """Wait for every write, then stop the thread (the callback stays picklable)."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
 def _max_steps(trainer: pl.Trainer) -> int | None:
     if trainer.max_steps is not None and trainer.max_steps > 0:
         return int(trainer.max_steps)

@@ -21,6 +21,7 @@ Example (a plain loop)::
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -194,6 +195,15 @@ def estimator_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown estimator options {unknown}; known: {list(ESTIMATOR_OPTIONS)}")
     return {k: v for k, v in options.items() if v is not None}
+
+
+def resolved_num_chains(options: Mapping[str, Any]) -> int:
+    """The number of chains ``options`` asks for, or the estimator's default."""
+    if options.get("num_chains") is not None:
+        return int(options["num_chains"])
+    from devinterp.llc import estimate_llc
+
+    return int(inspect.signature(estimate_llc).parameters["num_chains"].default)
 
 
 def chain_range(num_chains: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -290,7 +290,7 @@ def test_non_finite_weights_mark_the_row(tmp_path):
 
 
 def test_all_chains_diverged_marks_the_row_and_training_continues(tmp_path):
-    settings = {**FAST, "step_size": 10.0, "nbeta": 1e6}
+    settings = {**FAST, "step_size": 10.0, "nbeta": 1e6, "sampler": "sgld"}
     cb = LLCCallback(tmp_path, every_n_train_steps=4, progress=False, **settings)
     module = Tiny()
     fit(tmp_path, module, callbacks=[cb], max_steps=4)
