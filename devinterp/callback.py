@@ -89,6 +89,10 @@ class LLCCallback(Callback):
     Training metrics seen by the trainer (``trainer.callback_metrics``) are recorded in
     ``metrics.csv`` at logging steps, scheduled steps, validation and epoch ends.
 
+    Sampler options (``num_chains`` ... ``vectorize``) default to None, meaning
+    :func:`devinterp.estimate_llc`'s own defaults, which ``devinterp estimate`` also uses; each
+    λ̂ row records the values used.
+
     Distributed: under DDP the chains are split across ranks (each runs its own chain indices,
     so the merged result equals a single-process run), gathered, and global rank 0 writes and
     logs. Sharded strategies (FSDP, DeepSpeed) are refused.
@@ -114,9 +118,6 @@ class LLCCallback(Callback):
         num_samples: n when the data has no length.
         chain_chunk_size: run at most this many chains at once (memory).
         vectorize: vectorize chains with ``torch.func.vmap``.
-
-        The sampler options default to None: :func:`devinterp.estimate_llc`'s own defaults,
-        which ``devinterp estimate`` also uses (each λ̂ row records the values used).
         data: data to sample with (see above). Default: the training data.
         loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's.
         save_traces: save the per-chain loss traces, shape (chain, draw), to ``dirpath/traces``.
@@ -317,7 +318,9 @@ class LLCCallback(Callback):
             self._take(trainer, pl_module, step, train_loss=None)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._disabled and not trainer.sanity_checking and trainer.is_global_zero:
+        # Only validation inside fit (not sanity checking, not a separate trainer.validate).
+        if (not self._disabled and not trainer.sanity_checking and trainer.is_global_zero
+                and trainer.state.fn == "fit" and self._schedule is not None):
             self._record_metrics(trainer, trainer.global_step)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from types import SimpleNamespace
 
+import docstring_parser
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from llc_models import FAST, DictBatches, Tiny, TinyWithVal, regression_data, trainer
@@ -389,3 +392,19 @@ def test_schedule_membership():
     with pytest.raises(ValueError, match="empty"):
         Schedule(include_init=False)
     assert Schedule(steps=(50, 5), max_steps=10).beyond(10) == [50]
+
+
+def test_built_from_yaml_like_lightning_cli_with_every_argument_documented():
+    parser = ArgumentParser()
+    parser.add_class_arguments(LLCCallback, "llc")
+    cfg = parser.parse_string(
+        "llc:\n  dirpath: runs/x\n  log_spaced: 100\n  every_n_train_steps: 1000\n"
+        "  mode: deferred\n  step_size: auto\n  num_chains: 4\n"
+        "  loss_fn: torch.nn.functional.mse_loss\n"
+    )
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    cb = build(cfg).llc
+    assert isinstance(cb, LLCCallback) and cb.mode == "deferred" and cb.log_spaced == 100
+    assert cb.options["num_chains"] == 4 and cb.loss_fn is nn.functional.mse_loss
+    documented = {p.arg_name for p in docstring_parser.parse(LLCCallback.__doc__).params}
+    assert documented == set(inspect.signature(LLCCallback).parameters)
