@@ -490,7 +490,7 @@ class LLCCallback(Callback):
             size = sum(t.numel() * t.element_size() for t in tensors)
             if size <= MAX_SAVED_DATA_BYTES:
                 saved = {"tensors": [t.detach().cpu() for t in tensors]}
-                self._writer.submit(torch.save, saved, self._store.path / DATA_FILE)
+                self._writer.submit(_save_atomic, saved, self._store.path / DATA_FILE)
                 return {"kind": "file", "file": DATA_FILE}
         if self.data is not None:
             return {"kind": "unrecorded", "repr": repr(type(self.data).__name__)}
@@ -578,6 +578,13 @@ class _BackgroundWriter:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` that a concurrent reader (``devinterp estimate``) never sees half done."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def _max_steps(trainer: pl.Trainer) -> int | None:

@@ -7,15 +7,16 @@ callback is a Lightning adapter over the same pieces (:class:`Schedule`,
 :func:`preserved_training_state`, :func:`run_estimator`, :func:`result_row`), so both paths write
 the same table.
 
-Example (a plain loop)::
+Example (a plain loop; with Fabric, pass the unwrapped ``model.module`` on global rank 0)::
 
-    store = RunStore("runs/mlp", create=True)
     schedule = Schedule(every_n_steps=100, log_spaced=30, max_steps=2_000)
     for step in range(2_001):
-        if step in schedule:
-            track_llc(model, step, store, data=(x, y), loss_fn=loss_fn, num_chains=4)
+        if step in schedule:  # λ̂ at the weights after `step` optimizer steps
+            track_llc(model, step, "runs/mlp", data=(x, y), loss_fn=nn.MSELoss())
         if step < 2_000:
-            train_one_step(model, optimizer)
+            opt.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
 """
 
 from __future__ import annotations
