@@ -8,7 +8,7 @@
 Times are the best of ``--repeats`` interleaved runs (the machine may be shared); every run
 trains the same model from the same seed.
 
-    .venv/bin/python tools/bench_callback.py [--steps 2000] [--repeats 5] [--threads 1]
+    .venv/bin/python tools/bench_callback.py [--steps 2000] [--repeats 7] [--threads 1]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from devinterp import LLCCallback, estimate_llc, load_run
 
+INLINE_REPEATS = 3
 ESTIMATOR = {"num_chains": 4, "num_draws": 100, "num_burnin": 100, "batch_size": 256,
              "step_size": 1e-5}
 
@@ -103,7 +104,7 @@ def bare_estimation(run_dir: str) -> Clock:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--log-spaced", type=int, default=30,
                    help="deferred schedule: log-spaced snapshots (plus every --steps/6 steps)")
     p.add_argument("--inline-every", type=int, default=500)
@@ -122,7 +123,7 @@ def main() -> None:
                              every_n_train_steps=max(args.steps // 6, 1), mode="deferred",
                              progress=False)
             t_def.append(train(args.steps, cb, root))
-            if i < 2:
+            if i < INLINE_REPEATS:
                 cb = LLCCallback(f"{root}/inline{i}", every_n_train_steps=args.inline_every,
                                  progress=False, **ESTIMATOR)
                 t_inl.append(train(args.steps, cb, root))
@@ -130,7 +131,7 @@ def main() -> None:
         snaps = len(load_run(f"{root}/deferred0").snapshots)
         estimates = len(load_run(f"{root}/inline0").llc)
     print(f"{args.steps} training steps; deferred: {snaps} snapshots; inline: {estimates} "
-          f"estimates; best of {args.repeats} (inline: best of 2), interleaved")
+          f"estimates; best of {args.repeats} (inline: best of {INLINE_REPEATS}), interleaved")
     for kind in ("wall", "cpu"):
         b, d, i, e = (min(getattr(c, kind) for c in runs) for runs in (base, t_def, t_inl, t_est))
         print(f"[{kind:4}] none {b:6.2f} s | deferred {d:6.2f} s | inline {i:6.2f} s | "
