@@ -1,0 +1,247 @@
+"""``devinterp run CONFIG.yaml``: the whole chain from one YAML, sweeps, and one-line errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from devinterp import load_run
+from devinterp.cli import UsageError
+from devinterp.cli import main as cli_main
+from devinterp.experiment import condense_error, parse_args, sweep_points
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = """\
+seed_everything: 3
+model:
+  class_path: experiments.tms.ToyModelOfSuperposition
+  init_args:
+    num_samples: 200
+    lr: 0.1
+trainer:
+  max_steps: 40
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  callbacks:
+    - class_path: devinterp.LLCCallback
+      init_args:
+        log_spaced: 8
+        num_chains: 2
+        num_draws: 20
+        step_size: 0.001
+        progress: false
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
+    code = cli_main(["run", *argv])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), [line for line in err.splitlines() if line.strip()]
+
+
+def test_run_writes_the_whole_chain_and_prints_the_run_dir_last(capsys, config, tmp_path):
+    run_dir = tmp_path / "run"
+    code, out, _ = run(capsys, str(config), "--run-dir", str(run_dir),
+                       "--trainer.max_steps=30", "--model.init_args.lr=0.05")
+    assert code == 0
+    assert out[-1] == str(run_dir)
+    for name in ("config.yaml", "llc.csv", "metrics.csv", "stages.json", "dashboard.html"):
+        assert (run_dir / name).is_file(), name
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["seed_everything"] == 3
+    assert resolved["trainer"]["max_steps"] == 30  # the override, not the file's 40
+    assert resolved["model"]["init_args"]["lr"] == 0.05
+    assert resolved["model"]["init_args"]["num_features"] == 6  # defaults filled in
+    callback = resolved["trainer"]["callbacks"][0]
+    assert callback["init_args"]["dirpath"] == str(run_dir)
+    r = load_run(run_dir)
+    assert r.llc["step"].iloc[0] == 0 and r.llc["step"].iloc[-1] == 30
+    assert len(r.llc) >= 5 and r.llc["llc_mean"].notna().all()
+    assert "train_loss" in r.metrics.columns
+    assert isinstance(r.stages, list) and len(r.stages) >= 1
+    assert r.stages[0]["start_step"] == 0 and r.stages[-1]["end_step"] == 30
+    assert "<html" in (run_dir / "dashboard.html").read_text()[:500].lower()
+    assert (run_dir / "logs" / "metrics.csv").is_file()  # the default CSVLogger, in the run dir
+
+
+@pytest.mark.slow
+def test_run_prints_the_run_dir_last_from_a_real_process(config, tmp_path):
+    run_dir = tmp_path / "proc"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "devinterp", "run", str(config), "--run-dir",
+                           str(run_dir), "--trainer.max_steps=20"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == str(run_dir)
+    assert (run_dir / "stages.json").is_file() and (run_dir / "dashboard.html").is_file()
+
+
+def test_default_run_dir_is_under_runs_named_after_the_config(monkeypatch, capsys, config,
+                                                             tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, str(config), "--trainer.max_steps=6",
+                       "--trainer.callbacks.init_args.log_spaced=5")
+    assert code == 0
+    run_dir = Path(out[-1])
+    assert run_dir.parent == Path("runs") and run_dir.name.startswith("tiny-")
+    assert (tmp_path / run_dir / "llc.csv").is_file()
+
+
+def test_sweep_runs_each_value_in_its_own_directory_and_writes_a_summary(capsys, config,
+                                                                        tmp_path):
+    root = tmp_path / "sweep"
+    code, out, _ = run(capsys, str(config), "--run-dir", str(root), "--sweep", "seed=0,1",
+                       "--trainer.max_steps=20")
+    assert code == 0 and out[-1] == str(root)
+    summary = pd.read_csv(root / "summary.csv")
+    assert summary["run"].tolist() == ["seed=0", "seed=1"]
+    assert {"final_loss", "final_llc", "num_stages"} <= set(summary.columns)
+    assert summary["final_llc"].notna().all()
+    for name, seed in (("seed=0", 0), ("seed=1", 1)):
+        assert yaml.safe_load((root / name / "config.yaml").read_text())["seed_everything"] == seed
+        assert (root / name / "stages.json").is_file()
+        assert (root / name / "dashboard.html").is_file()
+    assert summary["num_stages"].tolist() == [len(load_run(root / n).stages)
+                                              for n in summary["run"]]
+    assert (root / "dashboard.html").is_file()  # the runs side by side
+    # Different seeds, different training: the final losses differ.
+    assert summary["final_loss"].nunique() == 2
+
+
+def test_sweep_points_form_the_grid_and_name_the_directories():
+    points = sweep_points([("seed_everything", ["0", "1"]), ("model.init_args.lr", ["0.1"])])
+    assert [name for name, _ in points] == ["seed=0,lr=0.1", "seed=1,lr=0.1"]
+    assert points[1][1] == {"seed_everything": "1", "model.init_args.lr": "0.1"}
+
+
+def test_parse_args_splits_own_flags_from_overrides():
+    args = parse_args(["c.yaml", "--trainer.max_steps=5", "--run-dir", "d", "--sweep=seed=1,2",
+                       "--model.init_args.lr", "0.1"])
+    assert args.config == Path("c.yaml") and args.run_dir == Path("d")
+    assert args.sweeps == [("seed_everything", ["1", "2"])]
+    assert args.overrides == ["--trainer.max_steps=5", "--model.init_args.lr", "0.1"]
+    assert parse_args(["--help"]) is None
+    for bad in (["--run-dir", "d"], ["c.yaml", "--sweep", "seed"], ["c.yaml", "--run-dir"],
+                ["c.yaml", "--sweep", "seed=1", "--sweep", "seed=2"]):
+        with pytest.raises(UsageError):
+            parse_args(bad)
+
+
+# -- bad input: exit 2, one line, no traceback -----------------------------------------------------
+def _one_line_error(capsys, *argv: str) -> str:
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert len(err) == 1, err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_unknown_model_key_is_named_with_a_suggestion(capsys, config, tmp_path):
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"),
+                           "--model.init_args.lrr=3")
+    assert "model.init_args.lrr" in line and "did you mean 'lr'" in line
+    assert not (tmp_path / "r").exists()  # nothing is created for a config that does not parse
+
+
+def test_unknown_key_in_the_yaml_file_is_named(capsys, config, tmp_path):
+    config.write_text(TINY.replace("    lr: 0.1", "    learning_rate: 0.1"))
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"))
+    assert "model.init_args.learning_rate" in line and "lr" in line
+
+
+def test_unknown_callback_key_is_named(capsys, config, tmp_path):
+    config.write_text(TINY.replace("num_chains: 2", "num_chain: 2"))
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"))
+    assert "trainer.callbacks" in line and "num_chain" in line and "num_chains" in line
+
+
+def test_wrong_type_names_the_key_and_the_expected_type(capsys, config, tmp_path):
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"),
+                           "--model.init_args.lr=fast")
+    assert "model.init_args.lr" in line and "float" in line and "fast" in line
+
+
+def test_unknown_trainer_option_is_named(capsys, config, tmp_path):
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"),
+                           "--trainer.max_stepz=3")
+    assert "--trainer.max_stepz" in line
+
+
+def test_missing_config_file_is_named(capsys, tmp_path):
+    line = _one_line_error(capsys, str(tmp_path / "nope.yaml"))
+    assert "nope.yaml" in line and "not found" in line
+
+
+def test_invalid_yaml_says_so(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: [unclosed\n")
+    line = _one_line_error(capsys, str(bad), "--run-dir", str(tmp_path / "r"))
+    assert "YAML" in line
+
+
+def test_a_class_path_that_does_not_import_is_named(capsys, config, tmp_path):
+    config.write_text(TINY.replace("ToyModelOfSuperposition", "ToyModelOfSuperpositon"))
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"))
+    assert "experiments.tms.ToyModelOfSuperpositon" in line
+
+
+def test_a_class_that_refuses_its_arguments_gives_its_own_message(capsys, config, tmp_path):
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"),
+                           "--model.init_args.num_hidden=3")
+    assert "init='4-gon' needs num_hidden=2" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_non_empty_run_dir_is_refused(capsys, config, tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "llc.csv").write_text("step,llc_mean\n")
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"))
+    assert str(tmp_path / "r") in line and "not empty" in line
+
+
+def test_a_bad_sweep_value_fails_before_anything_trains(capsys, config, tmp_path):
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "s"), "--sweep",
+                           "model.init_args.lr=0.1,fast")
+    assert "lr=fast" in line and "model.init_args.lr" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_condense_error_keeps_the_innermost_reason_and_the_full_key():
+    message = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning.pytorch.core.module.LightningModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'experiments.tms.ToyModelOfSuperposition':
+        Parser key "init":
+          Expected a typing.Literal['4-gon', 'random']. Got value: 5gon
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'jsonargparse._util.NestedArg'>
+  Given value: NestedArg(key='init', val='5gon')"""
+    line = condense_error(message)
+    assert "\n" not in line
+    assert line.startswith("config key 'model.init_args.init' must be")
+    assert "'4-gon', 'random'" in line and "'5gon'" in line
+
+
+def test_help_lists_the_config_keys(capsys, config):
+    code, out, _ = run(capsys, str(config), "--help")
+    assert code == 0 and any("--trainer.max_steps" in line for line in out)
+    assert out[0].startswith("usage: devinterp run")
+    code, out, _ = run(capsys, str(config), "--model.help",
+                       "experiments.tms.ToyModelOfSuperposition")
+    assert code == 0 and any("--model.lr" in line for line in out)
