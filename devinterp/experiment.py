@@ -245,9 +245,13 @@ class ExperimentCLI(LightningCLI):
             defaults = {"default_root_dir": str(run_dir), "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(run_dir), "name": LOG_DIR, "version": ""}}}
+        # load_from_checkpoint_support would add `_class_path` / `_instantiator` to the module's
+        # hparams; without it they are exactly the init arguments, which is what rebuilds the
+        # module in `devinterp estimate` and in `load_from_checkpoint`.
         super().__init__(save_config_callback=None, trainer_defaults=defaults,
-                         seed_everything_default=0, parser_kwargs={"exit_on_error": False, "prog": PROG},
-                         args=args, run=False)
+                         seed_everything_default=0,
+                         parser_kwargs={"exit_on_error": False, "prog": PROG},
+                         args=args, run=False, load_from_checkpoint_support=False)
 
     def llc_callbacks(self) -> list[Any]:
         """The config entries of ``trainer.callbacks`` that are LLCCallbacks."""

@@ -91,6 +91,18 @@ def test_run_prints_the_run_dir_last_from_a_real_process(config, tmp_path):
     assert (run_dir / "stages.json").is_file() and (run_dir / "dashboard.html").is_file()
 
 
+def test_deferred_run_is_estimated_later_by_devinterp_estimate(capsys, config, tmp_path):
+    run_dir = tmp_path / "deferred"
+    code, out, err = run(capsys, str(config), "--run-dir", str(run_dir), "--trainer.max_steps=20",
+                         "--trainer.callbacks.init_args.mode=deferred")
+    assert code == 0 and out[-1] == str(run_dir)
+    assert not (run_dir / "llc.csv").exists() and len(load_run(run_dir).snapshots) >= 5
+    assert any("devinterp estimate" in line for line in err)  # says what to do next
+    # The module's hparams are exactly its init arguments, so another process rebuilds it.
+    assert cli_main(["estimate", str(run_dir)]) == 0
+    assert len(load_run(run_dir).llc) == len(load_run(run_dir).snapshots)
+
+
 def test_default_run_dir_is_under_runs_named_after_the_config(monkeypatch, capsys, config,
                                                              tmp_path):
     monkeypatch.chdir(tmp_path)
