@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from devinterp.cli import UsageError
@@ -308,6 +309,9 @@ def build_cli(config: Path, overrides: list[str], run_dir: Path | None) -> Exper
         return ExperimentCLI(["--config", str(config), *overrides], run_dir)
     except ArgumentError as e:
         raise UsageError(condense_error(str(e))) from e
+    except (MisconfigurationException, ImportError) as e:  # e.g. accelerator=gpu, no GPU
+        raise UsageError(f"trainer settings: {e}; change them in the config or overrides "
+                         "(--debug shows where)") from e
     except ValueError as e:  # a class refused its arguments; jsonargparse wraps that error
         cause = e.__cause__ if isinstance(e.__cause__, (ValueError, TypeError)) else None
         raise UsageError(str(cause) if cause else condense_error(str(e))) from e

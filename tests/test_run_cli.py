@@ -219,6 +219,13 @@ def test_a_class_that_refuses_its_arguments_gives_its_own_message(capsys, config
     assert not (tmp_path / "r").exists()
 
 
+def test_trainer_settings_the_machine_cannot_run_are_one_line(capsys, config, tmp_path):
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"),
+                           "--trainer.accelerator=tpu")
+    assert line.startswith("devinterp run: error: trainer settings:")
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_non_empty_run_dir_is_refused(capsys, config, tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "llc.csv").write_text("step,llc_mean\n")
