@@ -2,12 +2,15 @@
 
 Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file only
 dispatches and turns user errors into one line and exit code 2 (``--debug`` shows the traceback).
+Subcommands build their parsers with :class:`ArgumentParser`, whose errors are one line too.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 COMMANDS = {
     "run": ("devinterp.experiment", "train a config-driven experiment with the LLC callback"),
@@ -20,9 +23,35 @@ USAGE = "usage: devinterp {run,estimate,stages,dashboard} [--debug] ...\n\n" + "
     f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()
 )
 
+#: Exceptions that mean "the user asked for something wrong", not "the program is broken".
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
+               KeyError)
+
 
 class UsageError(Exception):
     """A mistake in the user's command or config: reported as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument raises :class:`UsageError` (one line) instead of printing
+    the usage block and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def run_command(prog: str, main: Callable[[list[str]], int], argv: list[str],
+                debug: bool = False) -> int:
+    """Call ``main(argv)``; print a user error as ``PROG: error: ...`` and return 2."""
+    try:
+        return int(main(argv) or 0)
+    except (UsageError, *USER_ERRORS) as e:
+        if debug:
+            raise
+        text = str(e).strip()
+        msg = text.splitlines()[0] if text else type(e).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +68,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[cmd][0])
-    try:
-        return int(module.main(rest) or 0)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, PermissionError, KeyError) as e:
-        if debug:
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"devinterp {cmd}: error: {msg}", file=sys.stderr)
-        return 2
+    return run_command(f"devinterp {cmd}", module.main, rest, debug)
 
 
 if __name__ == "__main__":

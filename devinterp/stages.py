@@ -35,7 +35,6 @@ quantiles of where the flattest point falls over draws of the slope from the fit
 from __future__ import annotations
 
 import abc
-import argparse
 import inspect
 import json
 import math
@@ -57,6 +56,7 @@ from scipy.linalg import cho_solve, solve_triangular
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
+from devinterp.cli import ArgumentParser
 from devinterp.store import STAGES_FILE, Run, RunStore, load_run
 
 MIN_CHECKPOINTS = 5
@@ -847,7 +847,7 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
     FileNotFoundError with a one-line message; the caller turns them into exit code 2.
     """
     defaults = {k: v.default for k, v in inspect.signature(CriticalPoints).parameters.items()}
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog, description="Detect developmental stages (milestones = critical points of "
         "λ̂ over log-step) in a run directory or a CSV with columns step, llc_mean "
         "(optional llc_std, loss). Prints a stage table; writes stages.json into a run "

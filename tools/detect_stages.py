@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devinterp.cli import run_command  # noqa: E402
 from devinterp.stages import main  # noqa: E402
 
 PROG = "detect_stages.py"
@@ -23,12 +24,10 @@ PROG = "detect_stages.py"
 
 def run(argv: list[str] | None = None) -> int:
     """``main`` with user errors turned into one line on stderr and exit code 2."""
-    try:
-        return main(argv, prog=PROG)
-    except (ValueError, TypeError, FileNotFoundError, PermissionError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return 2
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    return run_command(PROG, lambda a: main(a, prog=PROG), args, debug=debug)
 
 
 if __name__ == "__main__":

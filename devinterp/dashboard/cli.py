@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from devinterp.cli import UsageError
+from devinterp.cli import ArgumentParser, UsageError
 from devinterp.dashboard.page import DEFAULT_MAX_TRACE_VALUES, build_page, load_runs, render_html
 from devinterp.dashboard.server import serve
 
@@ -16,8 +16,8 @@ EXAMPLES = """examples:
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="devinterp dashboard", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Loss, λ̂ and developmental stages of one run or many, with sampler "
