@@ -13,7 +13,6 @@ An unreadable snapshot is named on stderr and skipped; the exit code is then 1.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
@@ -31,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from devinterp.cli import ArgumentParser
 from devinterp.fabric import (
     ESTIMATOR_OPTIONS,
     describe,
@@ -419,8 +419,8 @@ def load_object(spec: str, main_file: str | None = None) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def _parser() -> ArgumentParser:
+    p = ArgumentParser(
         prog="devinterp estimate",
         description="Estimate λ̂ for the weight snapshots (or Lightning .ckpt files) of a run "
                     "directory and write them to its λ̂ table.",

@@ -212,3 +212,6 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert "is not an import path" in capsys.readouterr().err
     assert cli_main(["estimate", str(ckpts), "--steps", "a,b"]) == 2
     assert "comma-separated integers" in capsys.readouterr().err
+    assert cli_main(["estimate", str(ckpts), "--num-chains", "many"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid int value: 'many'" in err and len(err.strip().splitlines()) == 1
