@@ -42,6 +42,7 @@ from devinterp.store import RUN_FILE, RunStore
 #: so ``devinterp estimate`` samples with exactly the data training used.
 MAX_SAVED_DATA_BYTES = 256 * 2**20
 DATA_FILE = "data.pt"
+_UNSET = object()
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -216,6 +217,7 @@ class LLCCallback(Callback):
         self._num_snapshots = 0
         self._batch_step = 0
         self._writer = _BackgroundWriter()
+        self._guarded: dict[int, tuple[Any, Any]] = {}
         self._state_key = self._generate_state_key(
             dirpath=self.dirpath, mode=self.mode, every_n_train_steps=self.every_n_train_steps,
             every_n_epochs=self.every_n_epochs, steps=self.steps, log_spaced=self.log_spaced,
@@ -267,6 +269,7 @@ class LLCCallback(Callback):
         if self._store is None:
             self._store = RunStore(self.dirpath or os.path.join(base, "llc"), create=True)
         self._module_path = _import_path(type(pl_module))
+        self._guard_loggers(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled:
@@ -340,10 +343,14 @@ class LLCCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
+        self._unguard_loggers()
         try:
             self._writer.close()
         finally:
             self._flush_metrics()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unguard_loggers()
 
     # -- one scheduled step --------------------------------------------------------------------
     def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
@@ -392,14 +399,39 @@ class LLCCallback(Callback):
     def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         for logger in trainer.loggers:
-            try:
-                logger.log_metrics(metrics, step=step)
-            except Exception as e:  # a tracker outage must not stop training or lose rows
-                self._warn_once(
-                    f"logger:{id(logger)}",
-                    f"LLCCallback: {type(logger).__name__}.log_metrics failed ({e!r}); λ̂ stays "
-                    f"in the run directory {self._store.path}, this logger gets no more warnings",
-                )
+            logger.log_metrics(metrics, step=step)  # guarded: see _guard_loggers
+
+    def _guard_loggers(self, trainer: pl.Trainer) -> None:
+        """Make each logger's ``log_metrics`` warn once instead of raising, for the trainer's
+        own metrics too: a full disk or an unreachable tracker must not end a long run, and the
+        run store keeps λ̂ and the training metrics anyway. Undone when fitting ends."""
+        for logger in trainer.loggers:
+            if id(logger) in self._guarded:
+                continue
+            method = logger.log_metrics
+
+            def guarded(metrics: Any, step: int | None = None, *, _method: Callable = method,
+                        _logger: Any = logger) -> None:
+                try:
+                    _method(metrics, step=step)
+                except Exception as e:
+                    self._warn_once(
+                        f"logger:{id(_logger)}",
+                        f"LLCCallback: {type(_logger).__name__}.log_metrics failed ({e!r}); "
+                        "training goes on, λ̂ and the training metrics stay in the run "
+                        f"directory {self._store.path}; no more warnings for this logger",
+                    )
+
+            self._guarded[id(logger)] = (logger, logger.__dict__.get("log_metrics", _UNSET))
+            logger.log_metrics = guarded
+
+    def _unguard_loggers(self) -> None:
+        for logger, original in self._guarded.values():
+            if original is _UNSET:
+                logger.__dict__.pop("log_metrics", None)
+            else:
+                logger.log_metrics = original
+        self._guarded.clear()
 
     # -- training metrics ----------------------------------------------------------------------
     def _record_metrics(self, trainer: pl.Trainer, step: int) -> None:
