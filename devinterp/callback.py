@@ -82,7 +82,9 @@ class LLCCallback(Callback):
     ``llc/init_loss`` and ``llc/<diagnostic>`` (``mala_acceptance``, ``rhat``, ``ess``,
     ``frac_below_baseline``, ``num_diverged``, ``step_size``, ``nbeta``). With W&B they are
     plotted against ``trainer/global_step``, the axis of the loss, even when they arrive later.
-    The run store is written before any logger is called: a logger that fails loses nothing.
+    The run store is written before any logger is called, and while fitting a logger whose
+    ``log_metrics`` raises (full disk, unreachable tracker) warns once instead of ending
+    training: a failing logger loses nothing.
 
     Run store rows: ``step, llc_mean, llc_std, init_loss, <diagnostics>, <settings>, status,
     reason, warnings``; ``status`` is ``"failed"`` with a ``reason`` when the training loss or
