@@ -22,6 +22,7 @@ _EXPORTS = {
     "LLCResult": "devinterp.llc",
     "merge_results": "devinterp.llc",
     "AllChainsDivergedError": "devinterp.llc",
+    "NonFiniteLossError": "devinterp.llc",
     "LLCCallback": "devinterp.callback",
     "load_run": "devinterp.store",
     "Run": "devinterp.store",

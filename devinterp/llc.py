@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from devinterp import sampling
@@ -41,6 +41,10 @@ _DIVERGENCE_FACTOR = 1e4
 
 class AllChainsDivergedError(RuntimeError):
     """Every SGLD chain produced a non-finite or exploding loss."""
+
+
+class NonFiniteLossError(ValueError):
+    """The loss at the checkpoint w* is NaN or infinite: there is no λ̂ to estimate there."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +379,7 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
         with torch.no_grad():
             base = prob.loss(prob.anchor, batch).detach()
             if t == 0 and not torch.isfinite(base):
-                raise ValueError(
+                raise NonFiniteLossError(
                     f"the loss at w* is not finite ({base.item()}); estimate λ̂ only at a "
                     "checkpoint whose loss is finite"
                 )
@@ -427,13 +431,19 @@ def _hessian_top(prob: _Problem, params: dict[str, Tensor], batch: Any, iters: i
     v = {k: torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
          for k, p in params.items()}
     grad_fn = grad(lambda p: prob.loss(p, batch))
+
+    def hvp(u: dict[str, Tensor]) -> dict[str, Tensor]:
+        # Reverse-over-reverse: works for every loss (forward-mode jvp fails on some built-in
+        # losses, e.g. nn.MSELoss, with "ZeroTensors are immutable").
+        return grad(lambda q: sum((g * u[k]).sum() for k, g in grad_fn(q).items()))(params)
+
     lam = 0.0
     for _ in range(iters):
         norm = torch.sqrt(sum((x * x).sum() for x in v.values()))
         if not torch.isfinite(norm) or norm == 0:
             return lam
         v = {k: x / norm for k, x in v.items()}
-        _, hv = jvp(grad_fn, (params,), (v,))
+        hv = hvp(v)
         lam = float(sum((hv[k] * v[k]).sum() for k in v))
         v = {k: x.detach() for k, x in hv.items()}
     return abs(lam)
@@ -659,5 +669,5 @@ def _check_loss(prob: _Problem, seed: int) -> None:
             "(e.g. reduction='mean')"
         )
     if not torch.isfinite(value):
-        raise ValueError(f"the loss at w* is not finite ({value.item()}); estimate λ̂ only at a "
+        raise NonFiniteLossError(f"the loss at w* is not finite ({value.item()}); estimate λ̂ only at a "
                          "checkpoint whose loss is finite")

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from devinterp import AllChainsDivergedError, LLCResult, estimate_llc, merge_results
+from devinterp import (
+    AllChainsDivergedError,
+    LLCResult,
+    NonFiniteLossError,
+    estimate_llc,
+    merge_results,
+)
 from devinterp.models import (
     SeparableSum,
     deep_linear_network,
@@ -228,6 +234,15 @@ def test_all_chains_diverging_raises_with_advice():
                      step_size=100.0, nbeta=1.0, localization=0.0, sampler="sgld")
 
 
+@pytest.mark.parametrize("loss_fn", [nn.MSELoss(), nn.functional.mse_loss, gaussian_nll])
+def test_auto_step_size_works_with_builtin_losses(loss_fn):
+    model, data = small_regression()
+    opts = {k: v for k, v in FAST.items() if k != "step_size"}
+    r = estimate_llc(model, data, loss_fn, **opts)
+    assert r.settings["step_size"] > 0 and math.isfinite(r.llc_mean)
+    assert r.diagnostics["hessian_top"] > 0
+
+
 def test_auto_step_size_is_reported_and_user_value_wins():
     model, data = small_regression()
     opts = {k: v for k, v in FAST.items() if k != "step_size"}
@@ -266,7 +281,7 @@ def test_bad_inputs_have_clear_errors():
         estimate_llc(model, (x, y[:10]), gaussian_nll, **FAST)
     with pytest.raises(ValueError, match="scalar"):
         estimate_llc(model, (x, y), lambda o, t: (o - t) ** 2, **FAST)
-    with pytest.raises(ValueError, match="not finite"):
+    with pytest.raises(NonFiniteLossError, match="not finite"):
         estimate_llc(model, (x, y * float("inf")), gaussian_nll, **FAST)
     with pytest.raises(TypeError, match="data must be"):
         estimate_llc(model, [1, 2, 3], gaussian_nll, **FAST)
