@@ -342,6 +342,8 @@ class LLCCallback(Callback):
         if trainer.is_global_zero and self.progress and self.mode == "deferred":
             self._print(f"LLC: {self._num_snapshots} snapshots in {self._store.path}; "
                         f"estimate λ̂ with `devinterp estimate {self._store.path}`")
+        if trainer.is_global_zero and self.mode == "inline":
+            self._attach_dashboard(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -573,6 +575,30 @@ class LLCCallback(Callback):
     def _print(self, line: str) -> None:
         # tqdm.write moves any progress bar out of the way, and prints plainly when none is up.
         tqdm.write(line)
+
+    def _attach_dashboard(self, trainer: pl.Trainer) -> None:
+        """With a WandbLogger, detect stages and attach the dashboard page to the W&B run, next
+        to the native λ̂ charts. A failure here warns; it never fails the finished training."""
+        from lightning.pytorch.loggers import WandbLogger
+
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            return
+        try:
+            from devinterp.dashboard import log_to_wandb
+            from devinterp.stages import DEFAULT_METHOD, detect_stages, write_stages
+
+            try:
+                stages = detect_stages(self._store.path)
+                write_stages(self._store.path, stages, method=DEFAULT_METHOD, params={})
+            except ValueError:  # too few checkpoints for stages: the page shows the curves
+                pass
+            for lg in wandb_loggers:
+                log_to_wandb(self._store.path, lg.experiment)
+        except Exception as e:  # noqa: BLE001 - the training run is done; keep it that way
+            self._warn_once("dashboard", f"LLCCallback: could not attach the dashboard to W&B "
+                            f"({type(e).__name__}: {e}); run `devinterp dashboard "
+                            f"{self._store.path} -o dashboard.html` instead")
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -153,6 +153,8 @@ def test_wandb_offline_gets_llc_on_the_loss_step_axis(tmp_path, monkeypatch):
     assert wandb_step_metrics(tmp_path)["llc/*"] == "trainer/global_step"
     meta = load_run(tmp_path / "run").meta["wandb"]
     assert meta["id"] == logger.version and meta["project"] == "devinterp-test"
+    # the dashboard page, attached at the end as W&B media
+    assert any(r.get("dashboard/_type") == "html-file" for r in history)
 
 
 class BrokenLogger(Logger):
