@@ -135,6 +135,19 @@ def test_sweep_runs_each_value_in_its_own_directory_and_writes_a_summary(capsys,
     assert summary["final_loss"].nunique() == 2
 
 
+def test_torch_threads_from_the_config_are_applied(capsys, config, tmp_path):
+    import torch
+
+    try:
+        code, _, _ = run(capsys, str(config), "--run-dir", str(tmp_path / "t"),
+                         "--torch_threads=2", "--trainer.max_steps=6",
+                         "--trainer.callbacks.init_args.log_spaced=5")
+        assert code == 0 and torch.get_num_threads() == 2
+        assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["torch_threads"] == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_sweep_points_form_the_grid_and_name_the_directories():
     points = sweep_points([("seed_everything", ["0", "1"]), ("model.init_args.lr", ["0.1"])])
     assert [name for name, _ in points] == ["seed=0,lr=0.1", "seed=1,lr=0.1"]
