@@ -221,12 +221,43 @@ class _TensorBatches:
         self.batch_size = min(batch_size, self.n)
 
     def iterate(self, seed: int) -> Iterator[Any]:
+        for _, batch in self.indexed(seed):
+            yield batch
+
+    def indexed(self, seed: int) -> Iterator[tuple[Tensor | None, Any]]:
+        """(sample indices, batch) pairs: the indices let the baseline come from a cache."""
         g = torch.Generator().manual_seed(seed)
         while True:
             perm = torch.randperm(self.n, generator=g).to(self.inputs.device)
             for i in range(0, self.n - self.batch_size + 1, self.batch_size):
                 idx = perm[i : i + self.batch_size]
-                yield self.inputs[idx], self.targets[idx]
+                yield idx, (self.inputs[idx], self.targets[idx])
+
+    def per_sample_losses(self, loss: Callable[[Any], Tensor],
+                          loss_fn: LossFn) -> Tensor | None:
+        """Per-sample losses at w* (float64), if the batch loss is their mean; else None.
+
+        Then L_B(w*) of any minibatch is a gather and a mean: the paired baseline costs no
+        forward pass during sampling.
+        """
+        per_sample = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
+        parts = []
+        with torch.no_grad():
+            for i in range(0, self.n, 4096):
+                x, y = self.inputs[i : i + 4096], self.targets[i : i + 4096]
+                try:
+                    parts.append(per_sample(loss(x), y).reshape(-1).double())
+                except Exception:  # noqa: BLE001 - a loss vmap cannot split: pay a forward
+                    return None
+            cache = torch.cat(parts)
+            if cache.shape != (self.n,):
+                return None
+            x, y = self.inputs[: self.batch_size], self.targets[: self.batch_size]
+            direct = loss_fn(loss(x), y).double()
+            if not torch.allclose(cache[: self.batch_size].mean(), direct, rtol=1e-5,
+                                  atol=1e-7):
+                return None  # not a mean of per-sample terms
+        return cache
 
 
 class _LoaderBatches:
@@ -234,6 +265,10 @@ class _LoaderBatches:
 
     def __init__(self, loader: DataLoader, device: torch.device, n: int | None):
         self.loader, self.device, self.n = loader, device, n
+
+    def indexed(self, seed: int) -> Iterator[tuple[Tensor | None, Any]]:
+        for batch in self.iterate(seed):
+            yield None, batch
 
     def iterate(self, seed: int) -> Iterator[Any]:
         loader = self.loader
@@ -301,6 +336,13 @@ class _Problem:
     batch_loss: BatchLoss | None
     source: _TensorBatches | _LoaderBatches
     device: torch.device
+    baseline_cache: Tensor | None = None  # per-sample losses at w*, when the loss is a mean
+
+    def baseline(self, idx: Tensor | None, batch: Any) -> Tensor:
+        """L_B(w*) of this minibatch: from the cache when possible, else one forward pass."""
+        if idx is not None and self.baseline_cache is not None:
+            return self.baseline_cache[idx].mean()
+        return self.loss(self.anchor, batch).detach().double()
 
     def loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         tensors = {**self.consts, **params}
@@ -365,66 +407,73 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
 
     total = num_burnin + num_draws
     dev = prob.device
-    loss_rec = torch.full((C, num_draws), float("nan"), device=dev)
-    base_rec = torch.zeros(num_draws, device=dev)
-    acc_sum = torch.zeros(C, device=dev)
+    loss_rec = torch.full((C, num_draws), float("nan"), device=dev, dtype=torch.float64)
+    base_rec = torch.zeros(num_draws, device=dev, dtype=torch.float64)
+    acc_sum = torch.zeros(C, device=dev, dtype=torch.float64)
     acc_n = 0
     diverged = torch.zeros(C, dtype=torch.bool, device=dev)
-    batches = prob.source.iterate(seed)
+    batches = prob.source.indexed(seed)
     G = None
     delta = math.sqrt(localization) if localization > 0 else 1e-8
+    ref = None  # L_B(w*) of the first minibatch: the scale of "exploding"
     for t in range(total):
-        batch = next(batches)
+        idx, batch = next(batches)
+        drawing = t >= num_burnin
+        accepting = drawing and accept_every and (t - num_burnin) % accept_every == 0
         grads, losses = vgrad(state.position, batch)
         with torch.no_grad():
-            base = prob.loss(prob.anchor, batch).detach()
-            if t == 0 and not torch.isfinite(base):
-                raise NonFiniteLossError(
-                    f"the loss at w* is not finite ({base.item()}); estimate λ̂ only at a "
-                    "checkpoint whose loss is finite"
-                )
-            losses = losses.detach().to(base.dtype)
-            centered = losses - base
-            bad = ~torch.isfinite(losses) | (centered.abs() > _DIVERGENCE_FACTOR * (base.abs() + 1))
-            diverged |= bad
-            dr = sampling.drift(state.position, grads, anchor_c, nbeta, localization)
-            if t >= num_burnin:
-                loss_rec[:, t - num_burnin] = torch.where(diverged, float("nan"), losses)
+            losses = losses.detach().double()
+            if ref is None or drawing:
+                # The paired baseline is only needed for draws (burn-in is thrown away).
+                base = prob.baseline(idx, batch)
+                if ref is None:
+                    if not torch.isfinite(base):
+                        raise NonFiniteLossError(
+                            f"the loss at w* is not finite ({base.item()}); estimate λ̂ only "
+                            "at a checkpoint whose loss is finite")
+                    ref = base.abs() + 1
+            bad = ~torch.isfinite(losses) | ((losses - base).abs() > _DIVERGENCE_FACTOR * ref)
+            if drawing:
+                loss_rec[:, t - num_burnin] = losses
                 base_rec[t - num_burnin] = base
+            dr = sampling.drift(state.position, grads, anchor_c, nbeta, localization)
             if state.precond is not None and (t < num_burnin or G is None):
                 # RMSProp statistics adapt during burn-in only, then G is frozen, so the draws
                 # come from a fixed-preconditioner Langevin chain with the right target.
                 G = sampling.preconditioner(state, dr, first=t == 0, delta=delta)
             new = sampling.sgld_step(state, dr, _noise(gens, prob.anchor), step_size, G)
-        if accept_every and t >= num_burnin and (t - num_burnin) % accept_every == 0:
+        if accepting:
             # MALA acceptance of this very transition, both ends on the same minibatch (on
             # different minibatches the energy difference is dominated by minibatch noise).
             grads_new, losses_new = vgrad(new.position, batch)
             with torch.no_grad():
-                u = nbeta * centered + 0.5 * localization * sampling.sq_distance(
-                    state.position, anchor_c)
-                u_new = nbeta * (losses_new.detach().to(base.dtype) - base) + (
-                    0.5 * localization * sampling.sq_distance(new.position, anchor_c))
+                u = nbeta * (losses - base) + 0.5 * localization * sampling.sq_distance(
+                    state.position, anchor_c).double()
+                u_new = nbeta * (losses_new.detach().double() - base) + (
+                    0.5 * localization * sampling.sq_distance(new.position, anchor_c).double())
                 dr_new = sampling.drift(new.position, grads_new, anchor_c, nbeta, localization)
                 log_a = sampling.mala_log_accept(state.position, new.position, u, u_new, dr,
                                                  dr_new, step_size, G)
                 acc_sum += torch.exp(torch.clamp(torch.nan_to_num(log_a, nan=-1e30), max=0.0))
                 acc_n += 1
-        with torch.no_grad():
-            # A diverged chain restarts at w* so it cannot poison later arithmetic; its records
-            # stay NaN and it is left out of λ̂.
-            for k, v in new.position.items():
-                new.position[k] = torch.where(diverged.view(C, *([1] * (v.dim() - 1))),
-                                              anchor_c[k], v)
-            state = new
+        if bool(bad.any()):
+            with torch.no_grad():
+                # A diverged chain restarts at w* so it cannot poison later arithmetic; its
+                # records are dropped and it is left out of λ̂.
+                diverged |= bad
+                for k, v in new.position.items():
+                    new.position[k] = torch.where(diverged.view(C, *([1] * (v.dim() - 1))),
+                                                  anchor_c[k], v)
+        state = new
         if progress is not None:
             progress.update(C)
+    loss_rec[diverged] = float("nan")
     accept = (acc_sum / max(acc_n, 1)).cpu().numpy() if acc_n else np.full(C, np.nan)
-    return _ChainRun(loss_rec.cpu().double().numpy(), base_rec.cpu().double().numpy(), accept,
+    return _ChainRun(loss_rec.cpu().numpy(), base_rec.cpu().numpy(), accept,
                      diverged.cpu().numpy(), state.position)
 
 
-def _hessian_top(prob: _Problem, params: dict[str, Tensor], batch: Any, iters: int = 10,
+def _hessian_top(prob: _Problem, params: dict[str, Tensor], batch: Any, iters: int = 6,
                  seed: int = 0) -> float:
     """Largest-magnitude Hessian eigenvalue of the minibatch loss at ``params`` (power iteration)."""
     g = torch.Generator(device=prob.device).manual_seed(seed)
@@ -481,11 +530,13 @@ def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, 
         else:
             new = min(new, _cap(nbeta * h + localization, sampler))
             if acc < _TARGET_ACCEPT:
-                new = min(new, eps / 2)
+                # 1 − acceptance grows about linearly in ε (measured on MLPs and deep linear
+                # networks): jump to the target in one round, with a margin.
+                new = min(new, eps * max(0.05, 0.8 * (1 - _TARGET_ACCEPT) / (1 - acc)))
         if new >= 0.8 * eps:
             break
         eps = new
-    return eps, {"calibration_rounds": len(rounds), "hessian_top": h0,
+    return eps, {"calibration_rounds": len(rounds), "hessian_top": h0, "calibration": rounds,
                  "calibration_acceptance": rounds[-1]["acceptance"]}
 
 
@@ -611,10 +662,18 @@ def estimate_llc(
         model.eval()
         with torch.random.fork_rng(devices=cuda):
             _check_loss(prob, seed)
+            if isinstance(source, _TensorBatches) and loss_fn is not None and (
+                source.n <= 2 * num_draws * source.batch_size * math.ceil(
+                    num_chains / (chain_chunk_size or num_chains))
+            ):
+                # One pass over the data at w* costs less than a baseline forward per draw.
+                tensors = {**consts, **anchor}
+                prob.baseline_cache = source.per_sample_losses(
+                    lambda x: functional_call(model, tensors, (x,), tie_weights=False), loss_fn)
             if step_size == "auto":
                 eps, calib = _calibrate(prob, seed=seed, nbeta=nbeta, localization=gamma,
                                         sampler=sampler, vectorize=vectorize,
-                                        pilot_steps=max(20, min(60, (burnin + num_draws) // 8)),
+                                        pilot_steps=max(16, min(48, (burnin + num_draws) // 16)),
                                         num_pilot=min(2, num_chains))
             else:
                 eps, calib = float(step_size), {}

@@ -45,7 +45,11 @@ def sampler_init(position: Position, sampler: str = "sgld") -> SamplerState:
 def drift(position: Position, grad: Position, anchor: Position, nbeta: float,
           localization: float) -> Position:
     """∇U(w) = nβ·∇L(w) + γ·(w − w*)."""
-    return {k: nbeta * grad[k] + localization * (position[k] - anchor[k]) for k in position}
+    out = {}
+    for k, w in position.items():
+        d = torch.sub(w, anchor[k])
+        out[k] = d.mul_(localization).add_(grad[k], alpha=nbeta)
+    return out
 
 
 def preconditioner(state: SamplerState, drift_: Position, *, alpha: float = 0.99,
@@ -71,12 +75,14 @@ def sgld_step(state: SamplerState, drift_: Position, noise: Position, step_size:
     Pure in the sense that the returned state is new tensors; ``noise`` is standard normal.
     """
     new = {}
+    root = step_size**0.5
     for k, w in state.position.items():
         if precond is None:
-            new[k] = w - (0.5 * step_size) * drift_[k] + (step_size**0.5) * noise[k]
+            new[k] = torch.add(w, drift_[k], alpha=-0.5 * step_size).add_(noise[k], alpha=root)
         else:
             g = precond[k]
-            new[k] = w - (0.5 * step_size) * g * drift_[k] + (step_size * g).sqrt() * noise[k]
+            step = torch.addcmul(w, g, drift_[k], value=-0.5 * step_size)
+            new[k] = step.addcmul_(g.sqrt(), noise[k], value=root)
     return SamplerState(new, state.precond)
 
 

@@ -109,9 +109,10 @@ def speed(name: str, widths: list[int], device: torch.device, chains: int, draws
     nbeta = n / math.log(n)
     common = dict(num_chains=chains, batch_size=batch, nbeta=nbeta, localization=gamma,
                   device=device, seed=0)
-    # warm-up (lazy initialisation, allocator)
+    # warm-up (lazy initialisation, allocator, first-call costs of both paths)
     estimate_llc(model, (x, y), gaussian_nll, num_draws=2, num_burnin=0, step_size=eps,
                  **common)
+    estimate_llc(model, (x, y), gaussian_nll, num_draws=2, num_burnin=0, **common)
     t_bare = bare_loop(model, x, y, chains=chains, steps=draws, batch=batch, eps=eps,
                        nbeta=nbeta, gamma=gamma)
     t_vmap = vmapped_loop(model, x, y, chains=chains, steps=draws, batch=batch, eps=eps,
@@ -177,7 +178,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared 2-core machine more threads "
+                        "spin-wait on each other and every variant slows down erratically)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     draws = 50 if args.quick else 200
     speed("~10k-parameter MLP", [32, 128, 64, 10], device, 4, draws, 256)
