@@ -377,10 +377,12 @@ def fill(template: str, **values: str) -> str:
 
 
 def plotly_js() -> str:
-    """plotly.js from the installed ``plotly`` package (so no page ever needs a CDN)."""
-    from plotly.offline import get_plotlyjs
+    """plotly.js, basic bundle, shipped with this package (no page ever needs a CDN).
 
-    js = get_plotlyjs()
+    The dashboard draws only scatter traces and shapes, so the 1.2 MB basic bundle replaces
+    the 4.8 MB full one: a page parses in a quarter of the time.
+    """
+    js = (Path(__file__).parent / "vendor" / "plotly-basic.min.js").read_text(encoding="utf-8")
     # Inline scripts end at the first "</script"; the bundle has none today, but be sure.
     return js.replace("</script", "<\\/script")
 
