@@ -272,6 +272,11 @@ class ExperimentCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         llc = self.llc_callbacks()
+        if not llc:
+            raise UsageError(
+                "the config has no devinterp.LLCCallback under trainer.callbacks, so there would "
+                "be no λ̂, stages or dashboard; add one, e.g. `callbacks: [{class_path: "
+                "devinterp.LLCCallback, init_args: {log_spaced: 30}}]` (see configs/)")
         if len(llc) > 1:
             raise UsageError(f"the config lists {len(llc)} LLCCallbacks under trainer.callbacks; "
                              "keep one (they would share one run directory)")
@@ -350,9 +355,6 @@ def run_experiment(config: Path, overrides: list[str], run_dir: Path) -> Path:
     """Train, track λ̂, detect stages and write the dashboard, all into ``run_dir``."""
     with _quiet():
         cli = build_cli(config, overrides, run_dir)
-        if not cli.llc_callbacks():
-            print("devinterp run: note: the config has no devinterp.LLCCallback under "
-                  "trainer.callbacks, so no λ̂ is tracked", file=sys.stderr)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     write_stages_of(run_dir)
     (run_dir / DASHBOARD_FILE).write_text(_dashboard([run_dir]))

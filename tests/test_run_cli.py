@@ -239,6 +239,13 @@ def test_trainer_settings_the_machine_cannot_run_are_one_line(capsys, config, tm
     assert not (tmp_path / "r").exists()
 
 
+def test_a_config_without_the_llc_callback_is_refused_before_training(capsys, config, tmp_path):
+    config.write_text(TINY.split("  callbacks:")[0])
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"))
+    assert "no devinterp.LLCCallback" in line and "log_spaced" in line
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_non_empty_run_dir_is_refused(capsys, config, tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "llc.csv").write_text("step,llc_mean\n")
