@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench(config.resolve(), out / config.stem, args.override, args.threads))
         print(f"  {rows[-1]['wall time (s)']} s", file=sys.stderr, flush=True)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, OMP_NUM_THREADS={args.threads or 'default'}"
+          f"torch {torch.__version__}, OMP_NUM_THREADS={args.threads or 'default'} "
+          "(torch threads: each config's torch_threads)"
           + (f", overrides: {' '.join(args.override)}" if args.override else "") + "\n")
     print(markdown(rows))
     print(f"\nrun directories: {out}", file=sys.stderr)
