@@ -292,7 +292,11 @@ class ExperimentCLI(LightningCLI):
             return
         # Only now, once every class was built: a config error leaves no directory behind.
         RunStore(self.run_dir, create=True)
-        (self.run_dir / CONFIG_FILE).write_text(self.parser.dump(self.config, skip_none=False))
+        try:  # keep null values: the saved config must rebuild exactly this run
+            text = self.parser.dump(self.config, skip_unset=False)
+        except TypeError:  # jsonargparse < 4.49 names it skip_none
+            text = self.parser.dump(self.config, skip_none=False)
+        (self.run_dir / CONFIG_FILE).write_text(text)
 
     def instantiate_classes(self) -> None:
         if self.run_dir is not None:

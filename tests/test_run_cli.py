@@ -77,6 +77,12 @@ def test_run_writes_the_whole_chain_and_prints_the_run_dir_last(capsys, config, 
     assert r.stages[0]["start_step"] == 0 and r.stages[-1]["end_step"] == 30
     assert "<html" in (run_dir / "dashboard.html").read_text()[:500].lower()
     assert (run_dir / "logs" / "metrics.csv").is_file()  # the default CSVLogger, in the run dir
+    # The saved config is a config: it reruns this run exactly, into another directory.
+    again = tmp_path / "again"
+    code, out, _ = run(capsys, str(run_dir / "config.yaml"), "--run-dir", str(again))
+    assert code == 0 and out[-1] == str(again)
+    pd.testing.assert_frame_equal(load_run(again).llc[["step", "llc_mean"]],
+                                  r.llc[["step", "llc_mean"]])
 
 
 @pytest.mark.slow
