@@ -253,6 +253,9 @@ class _ModelBuilder:
         except Exception as e:  # truncated, corrupt, not a checkpoint, unsafe pickle, ...
             raise UnreadableSnapshot(_first_line(e)) from e
         cls = self._class(ckpt)
+        # LightningCLI records its own bookkeeping (_class_path, _instantiator) among the
+        # hyperparameters; they are not init arguments.
+        hparams = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
         key = f"{_qualified(cls)}:{json.dumps(hparams, sort_keys=True, default=repr)}"
         if key not in self.models:
             try:

@@ -66,6 +66,18 @@ def test_checkpoint_directory_gives_the_inline_values(tmp_path):
     assert load_run(ckpts).settings["num_chains"] == 2
 
 
+def test_lightning_cli_bookkeeping_in_hyperparameters_is_ignored(tmp_path):
+    """Plain LightningCLI adds _class_path / _instantiator to the hyperparameters."""
+    ckpts = tmp_path / "ckpts"
+    fit(tmp_path, [ModelCheckpoint(ckpts, every_n_train_steps=8)], enable_checkpointing=True)
+    (path,) = ckpts.glob("*.ckpt")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["hyper_parameters"].update(_class_path="llc_models.Tiny", _instantiator="x.y")
+    torch.save(ckpt, path)
+    assert main([str(ckpts), "--module", "llc_models:Tiny", *FAST_FLAGS]) == 0
+    assert load_run(ckpts).llc["status"].tolist() == ["ok"]
+
+
 def test_checkpoint_of_a_run_with_the_callback_names_its_module(tmp_path):
     ckpts = tmp_path / "ckpts"
     cb = LLCCallback(tmp_path / "run", every_n_train_steps=4, mode="deferred", progress=False)
