@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,7 +217,6 @@ class LLCCallback(Callback):
         self._warned: set[str] = set()
         self._num_snapshots = 0
         self._batch_step = 0
-        self._writer = _BackgroundWriter()
         self._guarded: dict[int, tuple[Any, Any]] = {}
         self._state_key = self._generate_state_key(
             dirpath=self.dirpath, mode=self.mode, every_n_train_steps=self.every_n_train_steps,
@@ -330,14 +328,11 @@ class LLCCallback(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        # A checkpoint that lists a step as done must find its snapshot on disk.
-        self._writer.wait()
         self._flush_metrics()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled:
             return
-        self._writer.close()
         self._flush_metrics()
         if trainer.is_global_zero and self.progress and self.mode == "deferred":
             self._print(f"LLC: {self._num_snapshots} snapshots in {self._store.path}; "
@@ -348,10 +343,7 @@ class LLCCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         self._unguard_loggers()
-        try:
-            self._writer.close()
-        finally:
-            self._flush_metrics()
+        self._flush_metrics()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unguard_loggers()
@@ -363,11 +355,10 @@ class LLCCallback(Callback):
         start = time.perf_counter()
         self._done.add(step)
         if trainer.is_global_zero:
-            # Copied now (training moves the weights on); serialized and synced to disk on the
-            # writer thread, so disk latency stays out of the training loop.
-            weights = {k: v.detach().to("cpu", copy=True) for k, v in
-                       pl_module.state_dict().items()}
-            self._writer.submit(self._store.save_snapshot, step, weights)
+            # Written right away, on this thread: a background writer thread measured slower
+            # (tools/bench_callback.py: 1.06x vs 1.02x the training time), the GIL hand-offs
+            # costing more than the writes.
+            self._store.save_snapshot(step, pl_module.state_dict())
             self._num_snapshots += 1
         if self.mode == "deferred":
             return
@@ -394,7 +385,7 @@ class LLCCallback(Callback):
             return
         row = record_result(self._store, step, result, save_trace=False)
         if self.save_traces and not isinstance(result, str):
-            self._writer.submit(self._store.save_trace, step, result.loss_trace)
+            self._store.save_trace(step, result.loss_trace)
         if not isinstance(result, str):
             self._log(trainer, step, result.metrics())
         if self.progress:
@@ -526,7 +517,7 @@ class LLCCallback(Callback):
             size = sum(t.numel() * t.element_size() for t in tensors)
             if size <= MAX_SAVED_DATA_BYTES:
                 saved = {"tensors": [t.detach().cpu() for t in tensors]}
-                self._writer.submit(_save_atomic, saved, self._store.path / DATA_FILE)
+                _save_atomic(saved, self._store.path / DATA_FILE)
                 return {"kind": "file", "file": DATA_FILE}
         if self.data is not None:
             return {"kind": "unrecorded", "repr": repr(type(self.data).__name__)}
@@ -609,37 +600,6 @@ class LLCCallback(Callback):
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
-class _BackgroundWriter:
-    """Runs file writes in order on one thread; a failed write is raised at the next call."""
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="devinterp-writer")
-        done = [f for f in self._pending if f.done()]
-        self._pending = [f for f in self._pending if not f.done()]
-        for f in done:
-            f.result()
-        self._pending.append(self._pool.submit(fn, *args))
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, []
-        for f in pending:
-            f.result()
-
-    def close(self) -> None:
-        """Wait for every write, then stop the thread (the callback stays picklable)."""
-        try:
-            self.wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-
-
 def _save_atomic(obj: Any, path: Path) -> None:
     """``torch.save`` that a concurrent reader (``devinterp estimate``) never sees half done."""
     tmp = path.with_name(f".{path.name}.tmp")
