@@ -142,9 +142,9 @@ def speed(name: str, widths: list[int], device: torch.device, chains: int, draws
           f"{r_auto.diagnostics['calibration_rounds']} pilot rounds)")
 
 
-def accuracy(device: torch.device, quick: bool) -> None:
-    print("\nAccuracy with default settings (auto step, nβ = n/log n, γ = 1, 8 chains x 400 "
-          "draws), n = 10,000, noiseless teachers:")
+def accuracy(device: torch.device, quick: bool, sampler: str) -> None:
+    print(f"\nAccuracy with default settings (auto step, nβ = n/log n, γ = 1, 8 chains x 400 "
+          f"draws, sampler {sampler}), n = 10,000, noiseless teachers:")
     print(f"  {'model':<34} {'exact λ':>8} {'λ̂':>8} {'± se':>6} {'error':>7}")
     cases: list[tuple[str, nn.Module, tuple, object, float, dict]] = []
     torch.manual_seed(0)
@@ -165,7 +165,8 @@ def accuracy(device: torch.device, quick: bool) -> None:
     worst = 0.0
     for name, model, (x, y), loss, exact, kw in cases:
         model = model.to(device)
-        r = estimate_llc(model, (x.to(device), y.to(device)), loss, seed=0, **kw)
+        r = estimate_llc(model, (x.to(device), y.to(device)), loss, seed=0, sampler=sampler,
+                         **kw)
         se = r.llc_std / math.sqrt(r.settings["num_chains"])
         err = r.llc_mean / exact - 1
         worst = max(worst, abs(err))
@@ -178,6 +179,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--sampler", default="rmsprop_sgld", choices=["rmsprop_sgld", "sgld"],
+                   help="sampler of the accuracy table (default: the estimator's default)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads "
                         "spin-wait on each other and every variant slows down erratically)")
@@ -185,11 +189,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     draws = 50 if args.quick else 200
-    speed("~10k-parameter MLP", [32, 128, 64, 10], device, 4, draws, 256)
-    speed("~1M-parameter MLP", [256, 1024, 512, 10] if not args.quick else [256, 512, 10],
-          device, 4, draws, 256)
+    if not args.skip_speed:
+        speed("~10k-parameter MLP", [32, 128, 64, 10], device, 4, draws, 256)
+        speed("~1M-parameter MLP", [256, 1024, 512, 10] if not args.quick else [256, 512, 10],
+              device, 4, draws, 256)
     if not args.skip_accuracy:
-        accuracy(device, args.quick)
+        accuracy(device, args.quick, args.sampler)
 
 
 if __name__ == "__main__":
