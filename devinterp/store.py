@@ -42,15 +42,20 @@ TRACE_DIR = "traces"
 _LOCK_FILE = ".lock"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+def _atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half.
+
+    ``durable=False`` skips the fsync: the file is still whole after a killed process, but an
+    operating-system crash may leave it empty (fine for files whose readers skip bad ones).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -203,7 +208,12 @@ class RunStore:
         return self.path / SNAPSHOT_DIR / f"{snapshot_name(step)}.pt"
 
     def save_snapshot(self, step: int, state_dict: Mapping[str, Any]) -> Path:
-        """Save weights (tensors only) for ``step``, atomically; returns the file path."""
+        """Save weights (tensors only) for ``step``, atomically; returns the file path.
+
+        Not fsynced (as ``torch.save`` and Lightning's checkpoints are not): the fsync was most
+        of a snapshot's cost during training (``tools/bench_callback.py``), and a snapshot left
+        empty by an operating-system crash is named and skipped by ``devinterp estimate``.
+        """
         import io
 
         import torch
@@ -211,7 +221,7 @@ class RunStore:
         buf = io.BytesIO()
         torch.save({k: v.detach().cpu().clone() for k, v in state_dict.items()}, buf)
         p = self.snapshot_path(step)
-        _atomic_write_bytes(p, buf.getvalue())
+        _atomic_write_bytes(p, buf.getvalue(), durable=False)
         return p
 
     def snapshots(self) -> dict[int, Path]:

@@ -5,8 +5,13 @@
 2. inline: training with ``LLCCallback(mode="inline")`` against training without it plus the
    time ``estimate_llc`` alone takes on the same snapshots. Target: <= 1.05.
 
-Times are the best of ``--repeats`` interleaved runs (the machine may be shared); every run
-trains the same model from the same seed.
+Each repeat runs the three variants back to back, in rotating order. Printed: the ratio of the
+best times over ``--repeats`` repeats (noise on a shared machine only adds time; for inline the
+best of a sum is compared with a sum of bests, which errs against the callback), and the median
+and range of the ratios taken within each repeat. Every run trains the same model from the
+same seed. Both move by several percent between runs on a shared virtual machine, so the
+callback's own time is also measured directly: the time inside its hooks less the time inside
+``estimate_llc``.
 
     .venv/bin/python tools/bench_callback.py [--steps 2000] [--repeats 7] [--threads 1]
 """
@@ -14,18 +19,23 @@ trains the same model from the same seed.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import devinterp.callback
 from devinterp import LLCCallback, estimate_llc, load_run
 
-INLINE_REPEATS = 3
 ESTIMATOR = {"num_chains": 4, "num_draws": 100, "num_burnin": 100, "batch_size": 256,
              "step_size": 1e-5}
 
@@ -60,21 +70,8 @@ class MLP(pl.LightningModule):
         return DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
 
 
-class Clock:
-    """Wall time and process CPU time (all threads) of a block; CPU time barely moves when
-    other processes load a shared machine, wall time does."""
-
-    def __enter__(self) -> Clock:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.wall = time.perf_counter() - self.wall
-        self.cpu = time.process_time() - self.cpu
-
-
-def train(steps: int, callback: LLCCallback | None, root: str) -> Clock:
-    """Wall and CPU time of ``trainer.fit`` (model construction and trainer setup excluded)."""
+def train(steps: int, callback: LLCCallback | None, root: str) -> float:
+    """Wall time of ``trainer.fit`` (model construction and trainer setup excluded)."""
     pl.seed_everything(0, verbose=False)
     model = MLP()
     trainer = pl.Trainer(
@@ -82,12 +79,12 @@ def train(steps: int, callback: LLCCallback | None, root: str) -> Clock:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
         callbacks=[callback] if callback else [],
     )
-    with Clock() as clock:
-        trainer.fit(model)
-    return clock
+    start = time.perf_counter()
+    trainer.fit(model)
+    return time.perf_counter() - start
 
 
-def bare_estimation(run_dir: str) -> Clock:
+def bare_estimation(run_dir: str) -> float:
     """Time ``estimate_llc`` alone takes on every snapshot of ``run_dir``."""
     data = MLP().train_dataloader().dataset
     models = []
@@ -95,10 +92,71 @@ def bare_estimation(run_dir: str) -> Clock:
         model = MLP()
         model.load_state_dict(torch.load(path, weights_only=True))
         models.append(model)
-    with Clock() as clock:
-        for model in models:
-            estimate_llc(model, data, model.loss_fn, **ESTIMATOR)
-    return clock
+    start = time.perf_counter()
+    for model in models:
+        estimate_llc(model, data, model.loss_fn, **ESTIMATOR)
+    return time.perf_counter() - start
+
+
+VARIANTS = ["none", "deferred", "inline"]
+HOOKS = ("setup", "on_train_start", "on_train_batch_start", "on_train_batch_end",
+         "on_train_epoch_end", "on_validation_end", "on_save_checkpoint", "on_train_end",
+         "teardown")
+
+
+class HookTimer:
+    """Time spent inside a callback's hooks, less the time inside ``estimate_llc``: the
+    callback's own cost, measured directly (wall-time ratios on a shared machine move by a few
+    percent from run to run; this does not)."""
+
+    def __init__(self, callback: LLCCallback) -> None:
+        self.hooks = self.estimation = 0.0
+        for name in HOOKS:
+            setattr(callback, name, self._timed(getattr(callback, name), "hooks"))
+
+    def _timed(self, fn: Callable[..., Any], field: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(self, field, getattr(self, field) + time.perf_counter() - start)
+        return timed
+
+    @contextlib.contextmanager
+    def estimating(self) -> Iterator[None]:
+        """Count time inside the callback's calls of the estimator separately."""
+        original = devinterp.callback.run_estimator
+        devinterp.callback.run_estimator = self._timed(original, "estimation")
+        try:
+            yield
+        finally:
+            devinterp.callback.run_estimator = original
+
+    @property
+    def own(self) -> float:
+        return self.hooks - self.estimation
+
+
+def run_variant(variant: str, args: argparse.Namespace, run_dir: str, root: str,
+                times: dict[str, list[float]]) -> None:
+    """Train once as ``variant`` and append its wall time (inline: and the bare estimation's)."""
+    if variant == "none":
+        times["none"].append(train(args.steps, None, root))
+    elif variant == "deferred":
+        cb = LLCCallback(run_dir, log_spaced=args.log_spaced, mode="deferred", progress=False,
+                         every_n_train_steps=max(args.steps // 6, 1))
+        timer = HookTimer(cb)
+        times["deferred"].append(train(args.steps, cb, root))
+        times["deferred_own"].append(timer.own)
+    else:
+        cb = LLCCallback(run_dir, every_n_train_steps=args.inline_every, progress=False,
+                         **ESTIMATOR)
+        timer = HookTimer(cb)
+        with timer.estimating():
+            times["inline"].append(train(args.steps, cb, root))
+        times["inline_own"].append(timer.own)
+        times["estimate"].append(bare_estimation(run_dir))
 
 
 def main() -> None:
@@ -112,32 +170,41 @@ def main() -> None:
                    help="torch threads (1: steadier timings on a shared machine)")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # per-fit banners
     torch.set_num_threads(args.threads)
+    ratios: dict[str, list[float]] = {"deferred": [], "inline": []}
+    times: dict[str, list[float]] = {k: [] for k in (
+        "none", "deferred", "inline", "estimate", "deferred_own", "inline_own")}
     with tempfile.TemporaryDirectory() as root:
         train(50, None, root)  # warm-up: imports, allocator, thread pools
-        base, t_def, t_inl, t_est = [], [], [], []
-        # Interleaved, so that load from other processes hits every variant alike.
         for i in range(args.repeats):
-            base.append(train(args.steps, None, root))
-            cb = LLCCallback(f"{root}/deferred{i}", log_spaced=args.log_spaced,
-                             every_n_train_steps=max(args.steps // 6, 1), mode="deferred",
-                             progress=False)
-            t_def.append(train(args.steps, cb, root))
-            if i < INLINE_REPEATS:
-                cb = LLCCallback(f"{root}/inline{i}", every_n_train_steps=args.inline_every,
-                                 progress=False, **ESTIMATOR)
-                t_inl.append(train(args.steps, cb, root))
-                t_est.append(bare_estimation(f"{root}/inline{i}"))
+            # The three runs of a repeat follow each other closely and their order rotates, so
+            # slow phases of a shared machine hit the variants alike; each ratio is taken within
+            # one repeat.
+            for variant in VARIANTS[i % 3:] + VARIANTS[:i % 3]:
+                run_variant(variant, args, f"{root}/{variant}{i}", root, times)
+            none = times["none"][-1]
+            ratios["deferred"].append(times["deferred"][-1] / none)
+            ratios["inline"].append(times["inline"][-1] / (none + times["estimate"][-1]))
         snaps = len(load_run(f"{root}/deferred0").snapshots)
         estimates = len(load_run(f"{root}/inline0").llc)
     print(f"{args.steps} training steps; deferred: {snaps} snapshots; inline: {estimates} "
-          f"estimates; best of {args.repeats} (inline: best of {INLINE_REPEATS}), interleaved")
-    for kind in ("wall", "cpu"):
-        b, d, i, e = (min(getattr(c, kind) for c in runs) for runs in (base, t_def, t_inl, t_est))
-        print(f"[{kind:4}] none {b:6.2f} s | deferred {d:6.2f} s | inline {i:6.2f} s | "
-              f"bare estimate_llc {e:6.2f} s")
-        print(f"[{kind:4}] deferred / none = {d / b:.3f} (target <= 1.05); "
-              f"inline / (none + estimation) = {i / (b + e):.3f} (target <= 1.05)")
+          f"estimates; {args.repeats} repeats, median [min, max]")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print("wall time: " + " | ".join(f"{k} {med[k]:.2f} s"
+                                     for k in ("none", "deferred", "inline", "estimate")))
+    best = {k: min(v) for k, v in times.items()}
+    best_ratio = {"deferred": best["deferred"] / best["none"],
+                  "inline": best["inline"] / (best["none"] + best["estimate"])}
+    for kind, label in (("deferred", "deferred / none"),
+                        ("inline", "inline / (none + bare estimate_llc)")):
+        r = ratios[kind]
+        print(f"{label}: best times {best_ratio[kind]:.3f}; paired median "
+              f"{statistics.median(r):.3f} [{min(r):.3f}, {max(r):.3f}] (target <= 1.05)")
+    print(f"callback's own time (in its hooks, estimate_llc excluded): deferred "
+          f"{med['deferred_own'] * 1e3:.0f} ms = {med['deferred_own'] / med['none']:.1%} of "
+          f"training ({med['deferred_own'] / snaps * 1e3:.1f} ms per snapshot with the per-step "
+          f"checks); inline {med['inline_own'] / estimates * 1e3:.0f} ms per estimate")
 
 
 if __name__ == "__main__":

@@ -90,16 +90,17 @@ def test_malicious_and_truncated_snapshots_are_named_skipped_and_never_executed(
     run_dir = tmp_path / "run"
     pl.seed_everything(0, verbose=False)
     cb = LLCCallback(run_dir, every_n_train_steps=4, mode="deferred", progress=False, **FAST)
-    trainer(tmp_path, [cb], max_steps=8).fit(Tiny())
+    trainer(tmp_path, [cb], max_steps=12).fit(Tiny())
     snaps = RunStore(run_dir).snapshots()
     marker = tmp_path / "pwned"
     with open(snaps[4], "wb") as f:
         pickle.dump({"net.0.weight": _Payload(marker)}, f)
     snaps[8].write_bytes(snaps[8].read_bytes()[:100])  # truncated mid-write by a crash
+    snaps[12].write_bytes(b"")  # what an operating-system crash can leave (snapshots: no fsync)
     code = cli_main(["estimate", str(run_dir), "--quiet"])
     err = capsys.readouterr().err
     assert code != 0
-    assert str(snaps[4]) in err and str(snaps[8]) in err
+    assert all(str(snaps[s]) in err for s in (4, 8, 12))
     assert not marker.exists()
     assert load_run(run_dir).llc["step"].tolist() == [0]
 
