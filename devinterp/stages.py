@@ -174,16 +174,20 @@ class _Rules:
     """What a stage and a milestone must satisfy (see the module docstring)."""
 
     def __init__(self, p: Profile, *, min_stage_length: float, min_change: float,
-                 plateau_ratio: float, significance: float) -> None:
+                 plateau_ratio: float, significance: float, min_stage_checkpoints: int = 2,
+                 checkpoints: np.ndarray | None = None) -> None:
         self.p, self.abs_slope = p, np.abs(p.slope)
         self.min_stage_length = min_stage_length
+        self.min_stage_checkpoints = min_stage_checkpoints
+        self.checkpoints = p.x if checkpoints is None else np.asarray(checkpoints, float)
         self.min_change = min_change * float(np.ptp(p.llc))
         self.plateau_ratio = plateau_ratio
         self.significance = significance
 
     def evidence(self, e0: int, e1: int) -> float:
-        """< 1 when stage [e0, e1] is too short, or changes λ̂ by under ``significance``
-        standard errors or under ``min_change`` of the fitted curve's range."""
+        """< 1 when stage [e0, e1] is too short (in decades, or, for the first and last stage, in
+        checkpoints), or changes λ̂ by under ``significance`` standard errors or under
+        ``min_change`` of the fitted curve's range."""
         p = self.p
         change = abs(p.llc[e1] - p.llc[e0])
         se = self.significance * p.change_sd(e0, e1)
@@ -192,6 +196,9 @@ class _Rules:
             score = min(score, change / self.min_change)
         if self.min_stage_length > 0:
             score = min(score, (p.x[e1] - p.x[e0]) / self.min_stage_length)
+        if self.min_stage_checkpoints > 2 and (e0 == 0 or e1 == len(p.x) - 1):
+            lo, hi = np.searchsorted(self.checkpoints, [p.x[e0] - 1e-9, p.x[e1] + 1e-9])
+            score = min(score, (hi - lo - 1) / (self.min_stage_checkpoints - 1))
         return score
 
     def weakest(self, edges: list[int]) -> tuple[int, float]:
@@ -222,7 +229,8 @@ class _Rules:
 
 
 def _milestones(p: Profile, *, min_stage_length: float, min_change: float,
-                plateau_ratio: float, significance: float) -> list[int]:
+                plateau_ratio: float, significance: float, min_stage_checkpoints: int = 2,
+                checkpoints: np.ndarray | None = None) -> list[int]:
     """Grid indices of the milestones of a fitted curve.
 
     First the extrema (where λ̂ turns from rising to falling or back) are simplified as in
@@ -233,7 +241,8 @@ def _milestones(p: Profile, *, min_stage_length: float, min_change: float,
     all stages pass, then the least plateau-like milestone goes until all pass.
     """
     rules = _Rules(p, min_stage_length=min_stage_length, min_change=min_change,
-                   plateau_ratio=plateau_ratio, significance=significance)
+                   plateau_ratio=plateau_ratio, significance=significance,
+                   min_stage_checkpoints=min_stage_checkpoints, checkpoints=checkpoints)
     last = len(p.x) - 1
     ext = _extrema(p.slope)
     while ext:
@@ -286,7 +295,7 @@ class _Detector(abc.ABC):
     """Shared ``fit`` / ``predict`` / ``fit_predict`` over a fitted :class:`Profile`."""
 
     def __init__(self, *, min_stage_length: float, min_change: float, plateau_ratio: float,
-                 significance: float, grid_size: int) -> None:
+                 significance: float, grid_size: int, min_stage_checkpoints: int) -> None:
         if not min_stage_length >= 0:
             raise ValueError(f"min_stage_length must be >= 0 decades of log-step, got "
                              f"{min_stage_length}")
@@ -299,11 +308,15 @@ class _Detector(abc.ABC):
             raise ValueError(f"significance must be > 0 standard errors, got {significance}")
         if grid_size < 10:
             raise ValueError(f"grid_size must be at least 10, got {grid_size}")
+        if not isinstance(min_stage_checkpoints, int) or min_stage_checkpoints < 2:
+            raise ValueError(f"min_stage_checkpoints must be an integer >= 2 (a stage's two "
+                             f"ends), got {min_stage_checkpoints!r}")
         self.min_stage_length = float(min_stage_length)
         self.min_change = float(min_change)
         self.plateau_ratio = float(plateau_ratio)
         self.significance = float(significance)
         self.grid_size = int(grid_size)
+        self.min_stage_checkpoints = min_stage_checkpoints
 
     @property
     def params(self) -> dict[str, Any]:
@@ -345,7 +358,9 @@ class _Detector(abc.ABC):
         """
         p = self.profile_
         keep = _milestones(p, min_stage_length=self.min_stage_length, min_change=self.min_change,
-                           plateau_ratio=self.plateau_ratio, significance=self.significance)
+                           plateau_ratio=self.plateau_ratio, significance=self.significance,
+                           min_stage_checkpoints=self.min_stage_checkpoints,
+                           checkpoints=self.x_)
         a = np.abs(p.slope)
         edges = [0, *keep, len(p.x) - 1]
         rng = np.random.default_rng(0)
@@ -399,16 +414,22 @@ class CriticalPoints(_Detector):
             of the gentler stage beside it (the paper used an absolute 0.25 per log-unit; a
             ratio does not depend on the scale of λ̂, which depends on nβ).
         significance: a stage must change λ̂ by this many standard errors.
+        min_stage_checkpoints: fewest checkpoints the first and the last stage span, their ends
+            included. At the ends of the curve the smoothed slope is the least constrained: with
+            2, one interval there can make a stage (e.g. a tiny last stage on a flat final
+            plateau); 3 asks for a checkpoint inside it. (Interior stages are held by data on
+            both sides.)
         lengthscale: fix the GP lengthscale (decades) instead of fitting it.
         grid_size: points of the uniform grid in log-step (checkpoints are added).
     """
 
     def __init__(self, *, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
-                 lengthscale: float | None = None, grid_size: int = 600) -> None:
+                 min_stage_checkpoints: int = 3, lengthscale: float | None = None,
+                 grid_size: int = 600) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
-                         grid_size=grid_size)
+                         grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints)
         if lengthscale is not None and not lengthscale > 0:
             raise ValueError(f"lengthscale must be > 0 decades, got {lengthscale}")
         self.lengthscale = lengthscale
@@ -559,17 +580,17 @@ class ChangePoints(_Detector):
         algorithm: "pelt" (exact optimum) or "binseg" (greedy, faster on long curves).
         pen: penalty per extra segment in units of the noise variance (default ``3 · log n``).
         min_size: fewest checkpoints per segment (at least 3: a line and one degree of freedom).
-        min_stage_length, min_change, plateau_ratio, significance, grid_size: as in
-            :class:`CriticalPoints`.
+        min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
+            grid_size: as in :class:`CriticalPoints`.
     """
 
     def __init__(self, *, algorithm: str = "pelt", pen: float | None = None, min_size: int = 3,
                  min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
-                 grid_size: int = 600) -> None:
+                 min_stage_checkpoints: int = 3, grid_size: int = 600) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
-                         grid_size=grid_size)
+                         grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints)
         if algorithm not in ("pelt", "binseg"):
             raise ValueError(f"algorithm must be 'pelt' or 'binseg', got {algorithm!r}")
         if pen is not None and not pen > 0:
@@ -869,13 +890,18 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
     parser.add_argument("--significance", type=float, metavar="Z",
                         help="standard errors of λ̂ change a stage needs "
                         f"(default {defaults['significance']})")
+    parser.add_argument("--min-stage-checkpoints", type=int, metavar="N",
+                        help="fewest checkpoints the first and last stage span, ends included "
+                        f"(default {defaults['min_stage_checkpoints']})")
     parser.add_argument("--no-write", action="store_true",
                         help="do not write stages.json into the run directory")
     args = parser.parse_args(argv)
     options = {k: v for k, v in (("min_stage_length", args.min_stage_length),
                                  ("min_change", args.min_change),
                                  ("plateau_ratio", args.plateau_ratio),
-                                 ("significance", args.significance)) if v is not None}
+                                 ("significance", args.significance),
+                                 ("min_stage_checkpoints", args.min_stage_checkpoints))
+               if v is not None}
     detector = make_detector(args.method, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

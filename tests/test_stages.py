@@ -107,6 +107,31 @@ def test_flat_curve_is_one_stage(method: str) -> None:
     assert len(detect_stages(noisy, method=method)) == 1
 
 
+# The quickstart's λ̂ curve (configs/quickstart.yaml, rounded): a rise in two steps, then a plateau
+# that drifts down by ~2% of the range and wobbles up once between the last two checkpoints.
+QUICKSTART = pd.DataFrame({
+    "step": [0, 1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 63, 83, 109, 144, 190, 250, 330,
+             434, 572, 754, 994, 1310, 1727, 2276, 3000],
+    "llc_mean": [-2.838, -1.167, 0.214, 1.0, 1.669, 2.182, 2.791, 3.213, 3.571, 3.829, 3.969,
+                 4.06, 4.201, 4.28, 4.33, 4.381, 4.438, 4.5, 4.796, 5.753, 7.476, 8.44, 8.447,
+                 8.316, 8.315, 8.296, 8.226, 8.171, 8.237],
+    "llc_std": [0.463, 0.561, 0.642, 0.692, 0.754, 0.796, 0.817, 0.817, 0.829, 0.772, 0.767,
+                0.819, 0.804, 0.826, 0.828, 0.805, 0.805, 0.76, 0.851, 1.305, 2.015, 2.364, 2.235,
+                1.977, 2.01, 1.972, 1.874, 1.793, 1.888],
+})
+
+
+def test_no_last_stage_on_one_interval() -> None:
+    """The last interval alone (2276 -> 3000) is no stage: the smoothed slope is least
+    constrained at the end of the curve; with min_stage_checkpoints=2 it used to be one."""
+    ends = [s["end_step"] for s in detect_stages(QUICKSTART)]
+    assert ends == [109, 434, 3000]
+    loose = [s["end_step"] for s in detect_stages(QUICKSTART, min_stage_checkpoints=2)]
+    assert loose[-2:] == [2276, 3000]
+    with pytest.raises(ValueError, match="min_stage_checkpoints must be an integer >= 2"):
+        detect_stages(QUICKSTART, min_stage_checkpoints=1)
+
+
 def test_nan_rows_are_skipped_and_reported() -> None:
     curve, truth, types = planted_llc_curve(language_model_transitions(), noise=0.001, seed=0)
     curve.loc[[3, 60, 120], "llc_mean"] = np.nan
