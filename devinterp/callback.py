@@ -34,6 +34,7 @@ from devinterp.fabric import (
     weights_finite,
     write_settings,
 )
+from devinterp.llc import sampled_parameters
 from devinterp.sampling import SAMPLERS
 from devinterp.store import RUN_FILE, RunStore
 
@@ -91,7 +92,7 @@ class LLCCallback(Callback):
     Training metrics seen by the trainer (``trainer.callback_metrics``) are recorded in
     ``metrics.csv`` at logging steps, scheduled steps, validation and epoch ends.
 
-    Sampler options (``num_chains`` ... ``vectorize``) default to None, meaning
+    Sampler options (``num_chains`` ... ``weights``) default to None, meaning
     :func:`devinterp.estimate_llc`'s own defaults, which ``devinterp estimate`` also uses; each
     λ̂ row records the values used.
 
@@ -120,6 +121,8 @@ class LLCCallback(Callback):
         num_samples: n when the data has no length.
         chain_chunk_size: run at most this many chains at once (memory).
         vectorize: vectorize chains with ``torch.func.vmap``.
+        weights: parameter names or ``fnmatch`` patterns SGLD moves, for a weight-refined λ̂
+            (e.g. ``["blocks.0.attn.*"]``); the other weights stay at the checkpoint.
         data: data to sample with (see above). Default: the training data.
         loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's.
         save_traces: save the per-chain loss traces, shape (chain, draw), to ``dirpath/traces``.
@@ -148,6 +151,7 @@ class LLCCallback(Callback):
         num_samples: int | None = None,
         chain_chunk_size: int | None = None,
         vectorize: bool | None = None,
+        weights: list[str] | None = None,
         data: Any = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         save_traces: bool = True,
@@ -185,6 +189,10 @@ class LLCCallback(Callback):
             raise ValueError(f"nbeta must be > 0, got {nbeta!r}")
         if localization is not None and not localization >= 0:
             raise ValueError(f"localization must be >= 0, got {localization!r}")
+        if weights is not None and (isinstance(weights, str) or not weights
+                                    or not all(isinstance(w, str) for w in weights)):
+            raise ValueError(f"weights must be a non-empty list of parameter names or fnmatch "
+                             f"patterns, got {weights!r}")
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.dirpath = dirpath
@@ -199,6 +207,7 @@ class LLCCallback(Callback):
             "batch_size": batch_size, "step_size": step_size, "localization": localization,
             "nbeta": nbeta, "sampler": sampler, "seed": seed, "num_samples": num_samples,
             "chain_chunk_size": chain_chunk_size, "vectorize": vectorize,
+            "weights": list(weights) if weights is not None else None,
         }
         self.data = data
         self.loss_fn = loss_fn
@@ -265,6 +274,8 @@ class LLCCallback(Callback):
             self._warn_once("fast_dev_run", "LLCCallback is disabled under fast_dev_run")
             return
         self._loss = self._resolve_loss(pl_module)
+        if self.options["weights"] is not None:
+            sampled_parameters(pl_module, self.options["weights"])  # unknown names fail now
         base = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         if self._store is None:
             self._store = RunStore(self.dirpath or os.path.join(base, "llc"), create=True)

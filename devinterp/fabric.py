@@ -39,7 +39,7 @@ from devinterp.store import SETTINGS_FILE, RunStore
 #: through and record in ``settings.json``.
 ESTIMATOR_OPTIONS = (
     "num_chains", "num_draws", "num_burnin", "batch_size", "step_size", "localization", "nbeta",
-    "sampler", "seed", "num_samples", "chain_chunk_size", "vectorize",
+    "sampler", "seed", "num_samples", "chain_chunk_size", "vectorize", "weights",
 )
 #: Settings recorded in every λ̂ row: they change λ̂ a lot (SCIENCE.md: always report nβ).
 ROW_SETTINGS = ("nbeta", "step_size", "localization", "num_chains", "num_draws", "num_burnin",

@@ -15,6 +15,7 @@ the paired baseline costs one extra forward pass per step, whatever the number o
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -555,6 +556,7 @@ def estimate_llc(
     nbeta: float | None = None,
     sampler: Literal["sgld", "rmsprop_sgld"] = "rmsprop_sgld",
     seed: int = 0,
+    weights: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     num_samples: int | None = None,
     first_chain: int = 0,
@@ -569,9 +571,9 @@ def estimate_llc(
     minibatch (see the module docstring for why).
 
     Args:
-        model: the network at w*. Only parameters with ``requires_grad`` are sampled; buffers
-            (e.g. BatchNorm statistics) are held fixed and the model is evaluated in eval mode.
-            The model itself is never modified.
+        model: the network at w*. Its parameters with ``requires_grad`` are sampled (see
+            ``weights``); buffers (e.g. BatchNorm statistics) are held fixed and the model is
+            evaluated in eval mode. The model itself is never modified.
         data: a ``Dataset``, a ``DataLoader`` (its dataset is reshuffled from ``seed``) or a
             tuple ``(inputs, targets)`` of tensors.
         loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss of a batch. It should be a
@@ -596,6 +598,10 @@ def estimate_llc(
             adapts during burn-in and is then frozen, so draws target the right posterior while
             flat (singular) and stiff directions mix at similar speeds; or plain ``"sgld"``.
         seed: seeds minibatch order and each chain's noise; the global RNG is untouched.
+        weights: the weight-refined LLC (Wang et al. 2024): names or ``fnmatch`` patterns of
+            the parameters SGLD moves (e.g. ``["blocks.0.attn.*"]``), frozen or not; every
+            other weight stays at w*. Default: all parameters with ``requires_grad``. (The
+            data-refined LLC needs no option: pass the other distribution's data.)
         device: where to sample. Default: the device of the model's parameters.
         num_samples: n, when ``data`` has no length (an IterableDataset).
         first_chain: index of the first chain; chains are seeded by (seed, index), so split
@@ -612,10 +618,7 @@ def estimate_llc(
         AllChainsDivergedError: every chain diverged (use a smaller step size).
     """
     t_start = time.perf_counter()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not params:
-        raise ValueError("model has no trainable parameters (requires_grad=True); unfreeze the "
-                         "weights whose λ̂ you want")
+    params = sampled_parameters(model, weights)
     for name, value in (("num_chains", num_chains), ("num_draws", num_draws)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -705,6 +708,8 @@ def estimate_llc(
         "num_chains": num_chains, "num_draws": num_draws, "num_burnin": burnin,
         "batch_size": getattr(source, "batch_size", batch_size), "sampler": sampler,
         "seed": seed, "num_samples": n, "step_size_auto": step_size == "auto",
+        "weights": None if weights is None else list(weights),
+        "num_sampled_params": sum(p.numel() for p in params.values()),
     }
     extra = dict(calib)
     extra["calibration_s"] = t_cal if step_size == "auto" else 0.0
@@ -714,6 +719,27 @@ def estimate_llc(
         np.concatenate([r.accept for r in runs]),
         np.concatenate([r.diverged for r in runs]), settings, extra,
     )
+
+
+def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
+                        ) -> dict[str, nn.Parameter]:
+    """The parameters SGLD moves, by name: those matching ``weights``, else the trainable ones."""
+    named = dict(model.named_parameters())
+    if weights is None:
+        params = {n: p for n, p in named.items() if p.requires_grad}
+        if not params:
+            raise ValueError("model has no trainable parameters (requires_grad=True); unfreeze "
+                             "the weights whose λ̂ you want, or name them with weights=[...]")
+        return params
+    if isinstance(weights, str) or not all(isinstance(w, str) for w in weights):
+        raise TypeError(f"weights must be a list of parameter names or fnmatch patterns, got "
+                        f"{weights!r}")
+    unmatched = [w for w in weights if not any(fnmatch.fnmatchcase(n, w) for n in named)]
+    if unmatched or not weights:
+        shown = ", ".join(list(named)[:12]) + (", ..." if len(named) > 12 else "")
+        raise ValueError(f"weights {unmatched or '[]'} match no parameter of "
+                         f"{type(model).__name__}; its parameters are: {shown}")
+    return {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, w) for w in weights)}
 
 
 def _check_loss(prob: _Problem, seed: int) -> None:

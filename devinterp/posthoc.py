@@ -455,11 +455,21 @@ def _parser() -> ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--num-samples", type=int)
     g.add_argument("--chain-chunk-size", type=int)
+    g.add_argument("--weights", type=_patterns, metavar="PATTERNS",
+                   help="weight-refined λ̂: comma-separated parameter names or fnmatch patterns "
+                   "SGLD moves (the rest stay at the snapshot), e.g. 'blocks.0.attn.*'")
     return p
 
 
 def _step_size(text: str) -> float | str:
     return "auto" if text == "auto" else float(text)
+
+
+def _patterns(text: str) -> list[str]:
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    if not patterns:
+        raise ValueError(f"--weights needs at least one parameter name or pattern, got {text!r}")
+    return patterns
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,41 @@ def test_deep_linear_network_rank_sweep(widths):
     assert estimates == sorted(estimates)
 
 
+@pytest.mark.slow
+def test_weight_refined_llc_of_one_layer_of_a_deep_linear_network():
+    """Weight-refined λ (Wang et al. 2024): with one layer of f = W2·W1·x held at w*, f is
+    linear in the other, so the loss is quadratic in it and λ = rank(sampled layer ↦ f) / 2:
+    rank(W2)·in / 2 when W1 moves, out·rank(W1) / 2 when W2 moves."""
+    widths, rank = (3, 3, 6), 1
+    model = deep_linear_network(widths, rank)
+    x, y = teacher_data(model, widths[0], 10_000)
+    first = estimate_llc(model, (x, y), gaussian_nll, weights=["0.weight"])
+    second = estimate_llc(model, (x, y), gaussian_nll, weights=["1.*"])
+    for r, exact, size in ((first, rank * widths[0] / 2, 9), (second, widths[2] * rank / 2, 18)):
+        assert abs(r.llc_mean - exact) < 0.1 * exact, (r.llc_mean, exact, r.settings)
+        assert r.settings["num_sampled_params"] == size
+    # Both refined values are below the whole network's λ = 6 (the layers interact).
+    assert first.llc_mean + second.llc_mean < deep_linear_network_llc(widths, rank)
+
+
+def test_weights_selects_what_moves_and_all_of_them_is_the_plain_llc():
+    model, data = small_regression()
+    plain = estimate_llc(model, data, nn.MSELoss(), **FAST)
+    every = estimate_llc(model, data, nn.MSELoss(), weights=["*"], **FAST)
+    np.testing.assert_array_equal(plain.loss_trace, every.loss_trace)
+    assert every.settings["weights"] == ["*"] and plain.settings["weights"] is None
+    # A frozen parameter can be named; the others stay at w* (a smaller λ̂ than the whole).
+    model[0].weight.requires_grad_(False)
+    last = estimate_llc(model, data, nn.MSELoss(), weights=["0.weight"], **FAST)
+    assert last.settings["num_sampled_params"] == 32
+    assert model[0].weight.requires_grad is False
+    with pytest.raises(ValueError, match=r"weights \['3.bias', 'head.\*'\] match no parameter.*"
+                                         r"its parameters are: 0.weight, 0.bias, 2.weight"):
+        estimate_llc(model, data, nn.MSELoss(), weights=["3.bias", "head.*", "0.*"], **FAST)
+    with pytest.raises(TypeError, match="list of parameter names"):
+        estimate_llc(model, data, nn.MSELoss(), weights="0.weight", **FAST)
+
+
 # -- contracts --------------------------------------------------------------------------------
 def test_result_shapes_and_fields():
     model, data = small_regression()

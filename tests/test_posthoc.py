@@ -52,6 +52,24 @@ def test_deferred_then_estimate_gives_the_inline_table(tmp_path):
         np.testing.assert_array_equal(b.trace(step), a.trace(step))
 
 
+def test_weight_refined_inline_and_deferred_agree(tmp_path):
+    """weights= reaches the estimator from the callback (inline), from settings.json (deferred
+    + devinterp estimate) and from --weights; unknown names fail before training."""
+    inline = llc_run(tmp_path, "inline", "inline", weights=["net.2.*"])
+    deferred = llc_run(tmp_path, "deferred", "deferred", weights=["net.2.*"])
+    assert load_run(deferred).settings["weights"] == ["net.2.*"]
+    assert main([str(deferred), "--quiet"]) == 0
+    pd.testing.assert_frame_equal(load_run(deferred).llc, load_run(inline).llc)
+    plain = llc_run(tmp_path, "plain", "deferred")
+    assert main([str(plain), "--quiet", "--weights", "net.2.*"]) == 0
+    pd.testing.assert_frame_equal(load_run(plain).llc, load_run(inline).llc)
+    whole = llc_run(tmp_path, "whole", "inline")
+    assert not np.allclose(load_run(whole).llc["llc_mean"], load_run(inline).llc["llc_mean"])
+    with pytest.raises(ValueError, match=r"weights \['head.\*'\] match no parameter of Tiny"):
+        llc_run(tmp_path, "bad", "inline", weights=["head.*"])
+    assert not (tmp_path / "bad" / "snapshots").exists()
+
+
 def test_checkpoint_directory_gives_the_inline_values(tmp_path):
     """A run that only has ModelCheckpoint files: the module class is given on the command
     line, hyperparameters come from the checkpoints, data and loss from the module."""
