@@ -8,6 +8,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +37,7 @@ from devinterp.fabric import (
 )
 from devinterp.llc import sampled_parameters
 from devinterp.sampling import SAMPLERS
-from devinterp.store import RUN_FILE, RunStore
+from devinterp.store import LLC_FILE, RUN_FILE, RunStore
 
 #: Tensor data up to this size is saved into the run directory (``data.pt``) in deferred mode,
 #: so ``devinterp estimate`` samples with exactly the data training used.
@@ -349,6 +350,7 @@ class LLCCallback(Callback):
             self._print(f"LLC: {self._num_snapshots} snapshots in {self._store.path}; "
                         f"estimate λ̂ with `devinterp estimate {self._store.path}`")
         if trainer.is_global_zero and self.mode == "inline":
+            self._log_stages(trainer)
             self._attach_dashboard(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -565,6 +567,7 @@ class LLCCallback(Callback):
                 run = logger.experiment
                 run.define_metric("trainer/global_step")
                 run.define_metric("llc/*", step_metric="trainer/global_step")
+                run.define_metric("stage/*", step_metric="trainer/global_step")
                 self._store.update_json(RUN_FILE, {"wandb": {
                     "id": run.id, "project": run.project, "entity": run.entity,
                     "save_dir": logger.save_dir,
@@ -578,9 +581,34 @@ class LLCCallback(Callback):
         # tqdm.write moves any progress bar out of the way, and prints plainly when none is up.
         tqdm.write(line)
 
+    def _log_stages(self, trainer: pl.Trainer) -> None:
+        """Detect the developmental stages of the λ̂ curve, write ``stages.json`` and log
+        ``stage/index`` (the 1-based stage each λ̂ step lies in; a milestone closes its stage)
+        at the λ̂ steps, so every logger shows the stages on the λ̂ axis. Fewer than 5 λ̂ rows:
+        nothing. A failure here warns; it never fails the finished training."""
+        from devinterp.stages import DEFAULT_METHOD, detect_stages, write_stages
+
+        try:
+            with contextlib.suppress(ValueError):  # too few checkpoints: no stages yet
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # failed rows are skipped, and say so
+                    stages = detect_stages(self._store.path)
+                write_stages(self._store.path, stages, method=DEFAULT_METHOD, params={})
+                llc = self._store.read_table(LLC_FILE)
+                ok = llc[llc["status"] == "ok"]["step"].astype(int)
+                ends = [s["end_step"] for s in stages]
+                for step in ok:
+                    index = 1 + sum(step > end for end in ends[:-1])
+                    self._log(trainer, step, {"stage/index": float(index)})
+        except Exception as e:  # noqa: BLE001 - the training run is done; keep it that way
+            self._warn_once("stages", f"LLCCallback: could not detect stages "
+                            f"({type(e).__name__}: {e}); run `devinterp stages "
+                            f"{self._store.path}` instead")
+
     def _attach_dashboard(self, trainer: pl.Trainer) -> None:
-        """With a WandbLogger, detect stages and attach the dashboard page to the W&B run, next
-        to the native λ̂ charts. A failure here warns; it never fails the finished training."""
+        """With a WandbLogger, attach the dashboard page (curves and stages) to the W&B run,
+        next to the native λ̂ charts. A failure here warns; it never fails the finished
+        training."""
         from lightning.pytorch.loggers import WandbLogger
 
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -588,13 +616,7 @@ class LLCCallback(Callback):
             return
         try:
             from devinterp.dashboard import log_to_wandb
-            from devinterp.stages import DEFAULT_METHOD, detect_stages, write_stages
 
-            try:
-                stages = detect_stages(self._store.path)
-                write_stages(self._store.path, stages, method=DEFAULT_METHOD, params={})
-            except ValueError:  # too few checkpoints for stages: the page shows the curves
-                pass
             for lg in wandb_loggers:
                 log_to_wandb(self._store.path, lg.experiment)
         except Exception as e:  # noqa: BLE001 - the training run is done; keep it that way

@@ -42,6 +42,23 @@ def test_csv_logger_gets_rows_at_the_scheduled_steps(tmp_path):
     for key in ("llc/std", "llc/mala_acceptance", "llc/nbeta", "llc/init_loss"):
         assert rows[key].notna().all(), key
     assert logged["train_loss"].notna().sum() == 8  # the module's own logging is unchanged
+    # 3 λ̂ points are too few for stages: none logged, none written, no warning.
+    assert "stage/index" not in logged and load_run(tmp_path / "run").stages == []
+
+
+def test_stages_are_written_and_logged_on_the_llc_steps_at_the_end(tmp_path):
+    logger = CSVLogger(tmp_path / "logs")
+    pl.seed_everything(0, verbose=False)
+    cb = LLCCallback(tmp_path / "run", every_n_train_steps=4, progress=False, **FAST)
+    trainer(tmp_path, [cb], logger=logger, max_steps=32).fit(Tiny())
+    run = load_run(tmp_path / "run")
+    assert run.stages and run.stages[-1]["end_step"] == 32
+    logged = pd.read_csv(logger.log_dir + "/metrics.csv").dropna(subset=["stage/index"])
+    assert sorted(logged["step"]) == list(range(0, 33, 4))
+    for step, index in zip(logged["step"], logged["stage/index"], strict=True):
+        stage = run.stages[int(index) - 1]
+        assert stage["start_step"] <= step <= stage["end_step"]
+        assert step == 0 or step > stage["start_step"]
 
 
 def test_tensorboard_logger_gets_the_scalars(tmp_path):
@@ -151,6 +168,7 @@ def test_wandb_offline_gets_llc_on_the_loss_step_axis(tmp_path, monkeypatch):
     assert llc == pytest.approx(expected)
     assert any("train_loss" in r and "trainer/global_step" in r for r in history)
     assert wandb_step_metrics(tmp_path)["llc/*"] == "trainer/global_step"
+    assert wandb_step_metrics(tmp_path)["stage/*"] == "trainer/global_step"
     meta = load_run(tmp_path / "run").meta["wandb"]
     assert meta["id"] == logger.version and meta["project"] == "devinterp-test"
     # the dashboard page, attached at the end as W&B media
