@@ -103,9 +103,10 @@ class RunStore:
         if create:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
-                probe = self.path / ".write_probe"
-                probe.write_bytes(b"")
-                probe.unlink()
+                # A uniquely named probe: several processes (DDP ranks, post-hoc workers) open
+                # one run directory at once.
+                with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write_probe."):
+                    pass
             except OSError as e:
                 raise PermissionError(
                     f"run directory {str(self.path)!r} is not writable ({e.strerror or e}); "

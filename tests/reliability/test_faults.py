@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import threading
 import warnings
 from pathlib import Path
 
@@ -139,3 +140,24 @@ def test_bad_arguments_exit_2_with_one_line_and_no_traceback(tmp_path, csv_curve
 def test_debug_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         cli_main(["estimate", str(tmp_path / "missing"), "--debug"])
+
+
+def test_processes_opening_one_run_directory_at_once_all_succeed(tmp_path):
+    """DDP ranks and post-hoc workers open (and check) one run directory at the same moment;
+    a shared write-probe file name made some of them fail with "not writable"."""
+    errors: list[Exception] = []
+
+    def open_many() -> None:
+        for _ in range(200):
+            try:
+                RunStore(tmp_path / "run", create=True)
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=open_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in (tmp_path / "run").iterdir()] == []  # no probe left behind
