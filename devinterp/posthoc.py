@@ -41,7 +41,7 @@ from devinterp.fabric import (
     weights_finite,
     write_settings,
 )
-from devinterp.store import LLC_FILE, RUN_FILE, SETTINGS_FILE, RunStore
+from devinterp.store import LLC_FILE, METRICS_FILE, RUN_FILE, SETTINGS_FILE, RunStore
 
 _CKPT_STEP = re.compile(r"step=(\d+)")
 
@@ -98,6 +98,7 @@ def estimate_run(
     loss_fn: Callable[..., torch.Tensor] | str | None = None,
     batch_loss: Callable[..., torch.Tensor] | None = None,
     steps: list[int] | None = None,
+    out: str | os.PathLike | None = None,
     force: bool = False,
     workers: int = 1,
     rank: int = 0,
@@ -122,6 +123,10 @@ def estimate_run(
             else the module's ``llc_batch_loss`` method or ``loss_fn`` attribute.
         batch_loss: ``batch_loss(forward, batch)`` instead of ``loss_fn``.
         steps: only these steps. Default: every snapshot.
+        out: write the λ̂ table, traces and settings into this run directory instead (created,
+            starting from ``run_dir``'s ``run.json``, ``settings.json`` and ``metrics.csv``),
+            e.g. one directory per weight-refined λ̂ curve of one training run; snapshots are
+            read from ``run_dir``.
         force: re-estimate steps already in the table.
         workers, rank: this process takes every ``workers``-th snapshot starting at ``rank``.
         device: where to sample (default: CPU).
@@ -141,9 +146,10 @@ def estimate_run(
         raise ValueError(f"need workers >= 1 and 0 <= rank < workers, got workers={workers}, "
                          f"rank={rank}")
     store = RunStore(run_dir)
-    report = EstimateReport(store.path)
     meta = store.read_json(RUN_FILE, {}) or {}
-    options = _settings(store, estimator_kwargs(options), force)
+    target = store if out is None else _output_store(store, Path(out), meta)
+    report = EstimateReport(target.path)
+    options = _settings(target, estimator_kwargs(options), force)
     sources = _discover(store, report)
     if not sources and not report.unreadable:
         raise FileNotFoundError(
@@ -154,7 +160,7 @@ def estimate_run(
         wanted = {int(s) for s in steps}
         sources = [s for s in sources if s.step in wanted]
     mine = sources[rank::workers]
-    existing = set(store.read_table(LLC_FILE)["step"].tolist())
+    existing = set(target.read_table(LLC_FILE)["step"].tolist())
     builder = _ModelBuilder(store, meta, module, device)
     for src in mine:
         if src.step in existing and not force:
@@ -173,11 +179,34 @@ def estimate_run(
         else:
             result = run_estimator(model, the_data, loss_fn=the_loss, batch_loss=the_batch_loss,
                                    options=options)
-        row = record_result(store, src.step, result, save_trace=save_traces)
+        row = record_result(target, src.step, result, save_trace=save_traces)
         (report.estimated if row["status"] == "ok" else report.failed).append(src.step)
         if progress:
             print(describe(row, time.perf_counter() - start), flush=True)
     return report
+
+
+def _output_store(source: RunStore, out: Path, meta: Mapping[str, Any]) -> RunStore:
+    """The run directory ``out`` for λ̂ of ``source``'s snapshots: it gets ``source``'s
+    ``run.json`` (named after ``out``, pointing at ``source``), sampler settings and training
+    metrics, so the dashboard and stage detector read it as a run of its own."""
+    if out.resolve() == source.path.resolve():
+        return source
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the λ̂ table")
+    target = RunStore(out, create=True)
+    if target.read_json(RUN_FILE) is None:
+        # Not the W&B run: its llc/* curve is the training run's, not this one's.
+        kept = {k: v for k, v in meta.items() if k != "wandb"}
+        target.write_json(RUN_FILE, {**kept, "name": out.name,
+                                     "snapshots_from": str(source.path.resolve())})
+    settings = source.read_json(SETTINGS_FILE)
+    if settings is not None and target.read_json(SETTINGS_FILE) is None:
+        target.write_json(SETTINGS_FILE, settings)  # the same sampler, unless overridden
+    metrics = source.read_table(METRICS_FILE)
+    if len(metrics) and not len(target.read_table(METRICS_FILE)):
+        target.write_metrics(metrics.to_dict("records"))
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,6 +462,9 @@ def _parser() -> ArgumentParser:
     p.add_argument("--data", help="package.module:function returning the data, or FILE.pt")
     p.add_argument("--loss", help="package.module:function(outputs, targets) -> mean loss")
     p.add_argument("--steps", help="comma-separated steps to estimate (default: all)")
+    p.add_argument("--out", metavar="DIR",
+                   help="write λ̂ into this run directory instead (e.g. one per weight-refined "
+                   "curve); it gets RUN_DIR's run.json and training metrics")
     p.add_argument("--force", action="store_true", help="re-estimate steps already done")
     p.add_argument("--workers", type=int, help="number of processes sharing the snapshots "
                                                "(default: $WORLD_SIZE or 1)")
@@ -475,6 +507,9 @@ def _patterns(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """``devinterp estimate``; returns 1 when a snapshot could not be read, else 0."""
     args = _parser().parse_args(argv)
+    if args.wandb and args.out:
+        raise ValueError("--wandb adds λ̂ to the training run's W&B curve llc/*; with --out that "
+                         "would mix two curves: drop --wandb (or --out)")
     workers = args.workers if args.workers is not None else int(os.environ.get("WORLD_SIZE", 1))
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", 0))
     steps = None
@@ -486,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: getattr(args, k) for k in ESTIMATOR_OPTIONS if getattr(args, k, None) is not None}
     report = estimate_run(
         args.run_dir, module=args.module, data=args.data, loss_fn=args.loss, steps=steps,
-        force=args.force, workers=workers, rank=rank, device=args.device,
+        out=args.out, force=args.force, workers=workers, rank=rank, device=args.device,
         save_traces=not args.no_traces, progress=not args.quiet, **options,
     )
     if not args.quiet:

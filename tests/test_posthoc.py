@@ -70,6 +70,27 @@ def test_weight_refined_inline_and_deferred_agree(tmp_path):
     assert not (tmp_path / "bad" / "snapshots").exists()
 
 
+def test_out_puts_a_refined_curve_in_its_own_run_directory(tmp_path, capsys):
+    """--out: one training run, one directory per λ̂ curve (here a weight-refined one), each a
+    run of its own for the dashboard; the training run's table is left alone."""
+    run = llc_run(tmp_path, "run", "inline")
+    before = load_run(run).llc
+    head = tmp_path / "run-head"
+    assert main([str(run), "--quiet", "--weights", "net.2.*", "--out", str(head)]) == 0
+    refined, source = load_run(head), load_run(run)
+    pd.testing.assert_frame_equal(source.llc, before)
+    assert refined.meta["name"] == "run-head" and "wandb" not in refined.meta
+    assert refined.meta["snapshots_from"] == str(run.resolve())
+    assert refined.settings["weights"] == ["net.2.*"] and source.settings["weights"] is None
+    assert refined.settings["num_chains"] == FAST["num_chains"]  # the run's sampler settings
+    pd.testing.assert_frame_equal(refined.metrics, source.metrics)
+    # The same numbers as a refined estimate during training.
+    inline = llc_run(tmp_path, "inline", "inline", weights=["net.2.*"])
+    pd.testing.assert_frame_equal(refined.llc, load_run(inline).llc)
+    assert cli_main(["estimate", str(run), "--out", str(head), "--wandb"]) == 2
+    assert "would mix two curves" in capsys.readouterr().err
+
+
 def test_checkpoint_directory_gives_the_inline_values(tmp_path):
     """A run that only has ModelCheckpoint files: the module class is given on the command
     line, hyperparameters come from the checkpoints, data and loss from the module."""
