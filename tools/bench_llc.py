@@ -5,6 +5,7 @@ one run, so it can be compared across machines.
     python tools/bench_llc.py            # speed (10k and ~1M parameters) + accuracy table
     python tools/bench_llc.py --quick    # smaller, for a smoke run
     python tools/bench_llc.py --device cuda
+    python tools/bench_llc.py --skip-speed --step-scale 2   # why the auto step is not larger
 """
 
 from __future__ import annotations
@@ -142,10 +143,12 @@ def speed(name: str, widths: list[int], device: torch.device, chains: int, draws
           f"{r_auto.diagnostics['calibration_rounds']} pilot rounds)")
 
 
-def accuracy(device: torch.device, quick: bool, sampler: str) -> None:
-    print(f"\nAccuracy with default settings (auto step, nβ = n/log n, γ = 1, 8 chains x 400 "
+def accuracy(device: torch.device, quick: bool, sampler: str, step_scale: float = 1.0) -> None:
+    step = "auto step" if step_scale == 1 else f"{step_scale:g} x the auto step"
+    print(f"\nAccuracy with default settings ({step}, nβ = n/log n, γ = 1, 8 chains x 400 "
           f"draws, sampler {sampler}), n = 10,000, noiseless teachers:")
-    print(f"  {'model':<34} {'exact λ':>8} {'λ̂':>8} {'± se':>6} {'error':>7}")
+    print(f"  {'model':<34} {'exact λ':>8} {'λ̂':>8} {'± se':>6} {'error':>7} {'MALA acc':>8} "
+          f"{'ESS':>6}")
     cases: list[tuple[str, nn.Module, tuple, object, float, dict]] = []
     torch.manual_seed(0)
     lin = nn.Linear(6, 3)
@@ -165,12 +168,16 @@ def accuracy(device: torch.device, quick: bool, sampler: str) -> None:
     worst = 0.0
     for name, model, (x, y), loss, exact, kw in cases:
         model = model.to(device)
-        r = estimate_llc(model, (x.to(device), y.to(device)), loss, seed=0, sampler=sampler,
-                         **kw)
+        data = (x.to(device), y.to(device))
+        r = estimate_llc(model, data, loss, seed=0, sampler=sampler, **kw)
+        if step_scale != 1:
+            r = estimate_llc(model, data, loss, seed=0, sampler=sampler,
+                             step_size=step_scale * r.settings["step_size"], **kw)
         se = r.llc_std / math.sqrt(r.settings["num_chains"])
         err = r.llc_mean / exact - 1
         worst = max(worst, abs(err))
-        print(f"  {name:<34} {exact:8.3f} {r.llc_mean:8.3f} {se:6.3f} {err:+7.1%}")
+        print(f"  {name:<34} {exact:8.3f} {r.llc_mean:8.3f} {se:6.3f} {err:+7.1%} "
+              f"{r.diagnostics['mala_acceptance']:8.2f} {r.diagnostics['ess']:6.0f}")
     print(f"  worst relative error: {worst:.1%}")
 
 
@@ -182,6 +189,8 @@ def main() -> None:
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--sampler", default="rmsprop_sgld", choices=["rmsprop_sgld", "sgld"],
                    help="sampler of the accuracy table (default: the estimator's default)")
+    p.add_argument("--step-scale", type=float, default=1.0,
+                   help="accuracy table at this multiple of the auto step size (bias vs mixing)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads "
                         "spin-wait on each other and every variant slows down erratically)")
@@ -194,7 +203,7 @@ def main() -> None:
         speed("~1M-parameter MLP", [256, 1024, 512, 10] if not args.quick else [256, 512, 10],
               device, 4, draws, 256)
     if not args.skip_accuracy:
-        accuracy(device, args.quick, args.sampler)
+        accuracy(device, args.quick, args.sampler, args.step_scale)
 
 
 if __name__ == "__main__":
