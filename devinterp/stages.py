@@ -15,8 +15,9 @@ Every detector works in ``x = log10(step + 1)`` (decades; step 0 is x = 0) in tw
 2. read the milestones off the fitted curve (:func:`_milestones`): the turning points where λ̂
    goes from rising to falling or back, simplified as in topological persistence, then, inside
    each monotone run, the local minima of ``|slope|``, kept only while every stage changes λ̂ by
-   ``significance`` standard errors (and ``min_change`` of its range) and lasts
-   ``min_stage_length`` decades, and every milestone
+   ``significance`` standard errors of the fit, ``min_change_se`` standard errors of a single
+   estimate (and ``min_change`` of its range) and lasts ``min_stage_length`` decades (the first
+   and last: ``min_stage_checkpoints`` checkpoints), and every milestone
    is a plateau (its ``|slope|`` at most ``plateau_ratio`` times the steepest slope of each
    stage beside it, and significantly below it).
 
@@ -112,6 +113,20 @@ def relative_sd(llc_std: Any, n: int, *, window: int = 7) -> np.ndarray:
     return np.clip(smooth / np.median(smooth), 0.2, 5.0)
 
 
+def _standard_errors(llc_std: Any, num_chains: Any, n: int) -> np.ndarray | None:
+    """``llc_std / sqrt(num_chains)`` per checkpoint (the median where unknown), or None when
+    either is missing altogether."""
+    if llc_std is None or num_chains is None:
+        return None
+    std = np.asarray(llc_std, dtype=float)
+    chains = np.broadcast_to(np.asarray(num_chains, dtype=float), (n,))
+    se = std / np.sqrt(chains)
+    se[~np.isfinite(se) | (se <= 0)] = np.nan
+    if np.isnan(se).all():
+        return None
+    return np.where(np.isnan(se), np.nanmedian(se), se)
+
+
 # -- the fitted curve and milestone extraction --------------------------------------------------
 @dataclass
 class Profile:
@@ -175,8 +190,11 @@ class _Rules:
 
     def __init__(self, p: Profile, *, min_stage_length: float, min_change: float,
                  plateau_ratio: float, significance: float, min_stage_checkpoints: int = 2,
-                 checkpoints: np.ndarray | None = None) -> None:
+                 checkpoints: np.ndarray | None = None, min_change_se: float = 0.0,
+                 standard_errors: np.ndarray | None = None) -> None:
         self.p, self.abs_slope = p, np.abs(p.slope)
+        self.min_change_se = min_change_se
+        self.standard_errors = standard_errors
         self.min_stage_length = min_stage_length
         self.min_stage_checkpoints = min_stage_checkpoints
         self.checkpoints = p.x if checkpoints is None else np.asarray(checkpoints, float)
@@ -186,8 +204,9 @@ class _Rules:
 
     def evidence(self, e0: int, e1: int) -> float:
         """< 1 when stage [e0, e1] is too short (in decades, or, for the first and last stage, in
-        checkpoints), or changes λ̂ by under ``significance`` standard errors or under
-        ``min_change`` of the fitted curve's range."""
+        checkpoints), or changes λ̂ by under ``significance`` standard errors of the fit, under
+        ``min_change_se`` standard errors of one estimate, or under ``min_change`` of the fitted
+        curve's range."""
         p = self.p
         change = abs(p.llc[e1] - p.llc[e0])
         se = self.significance * p.change_sd(e0, e1)
@@ -196,9 +215,13 @@ class _Rules:
             score = min(score, change / self.min_change)
         if self.min_stage_length > 0:
             score = min(score, (p.x[e1] - p.x[e0]) / self.min_stage_length)
+        lo, hi = np.searchsorted(self.checkpoints, [p.x[e0] - 1e-9, p.x[e1] + 1e-9])
         if self.min_stage_checkpoints > 2 and (e0 == 0 or e1 == len(p.x) - 1):
-            lo, hi = np.searchsorted(self.checkpoints, [p.x[e0] - 1e-9, p.x[e1] + 1e-9])
             score = min(score, (hi - lo - 1) / (self.min_stage_checkpoints - 1))
+        if self.min_change_se > 0 and self.standard_errors is not None and hi > lo:
+            floor = self.min_change_se * float(np.median(self.standard_errors[lo:hi]))
+            if floor > 0:
+                score = min(score, change / floor)
         return score
 
     def weakest(self, edges: list[int]) -> tuple[int, float]:
@@ -230,7 +253,8 @@ class _Rules:
 
 def _milestones(p: Profile, *, min_stage_length: float, min_change: float,
                 plateau_ratio: float, significance: float, min_stage_checkpoints: int = 2,
-                checkpoints: np.ndarray | None = None) -> list[int]:
+                checkpoints: np.ndarray | None = None, min_change_se: float = 0.0,
+                standard_errors: np.ndarray | None = None) -> list[int]:
     """Grid indices of the milestones of a fitted curve.
 
     First the extrema (where λ̂ turns from rising to falling or back) are simplified as in
@@ -242,7 +266,8 @@ def _milestones(p: Profile, *, min_stage_length: float, min_change: float,
     """
     rules = _Rules(p, min_stage_length=min_stage_length, min_change=min_change,
                    plateau_ratio=plateau_ratio, significance=significance,
-                   min_stage_checkpoints=min_stage_checkpoints, checkpoints=checkpoints)
+                   min_stage_checkpoints=min_stage_checkpoints, checkpoints=checkpoints,
+                   min_change_se=min_change_se, standard_errors=standard_errors)
     last = len(p.x) - 1
     ext = _extrema(p.slope)
     while ext:
@@ -295,7 +320,8 @@ class _Detector(abc.ABC):
     """Shared ``fit`` / ``predict`` / ``fit_predict`` over a fitted :class:`Profile`."""
 
     def __init__(self, *, min_stage_length: float, min_change: float, plateau_ratio: float,
-                 significance: float, grid_size: int, min_stage_checkpoints: int) -> None:
+                 significance: float, grid_size: int, min_stage_checkpoints: int,
+                 min_change_se: float) -> None:
         if not min_stage_length >= 0:
             raise ValueError(f"min_stage_length must be >= 0 decades of log-step, got "
                              f"{min_stage_length}")
@@ -308,6 +334,8 @@ class _Detector(abc.ABC):
             raise ValueError(f"significance must be > 0 standard errors, got {significance}")
         if grid_size < 10:
             raise ValueError(f"grid_size must be at least 10, got {grid_size}")
+        if not min_change_se >= 0:
+            raise ValueError(f"min_change_se must be >= 0 standard errors, got {min_change_se}")
         if not isinstance(min_stage_checkpoints, int) or min_stage_checkpoints < 2:
             raise ValueError(f"min_stage_checkpoints must be an integer >= 2 (a stage's two "
                              f"ends), got {min_stage_checkpoints!r}")
@@ -317,6 +345,7 @@ class _Detector(abc.ABC):
         self.significance = float(significance)
         self.grid_size = int(grid_size)
         self.min_stage_checkpoints = min_stage_checkpoints
+        self.min_change_se = float(min_change_se)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -327,8 +356,12 @@ class _Detector(abc.ABC):
     def _profile(self, x: np.ndarray, y: np.ndarray, rel_sd: np.ndarray) -> Profile:
         """The fitted curve of checkpoints ``(x, y)`` with relative noise ``rel_sd``."""
 
-    def fit(self, steps: Any, llc_mean: Any, llc_std: Any = None) -> _Detector:
-        """Fit the curve. ``steps`` increasing non-negative integers; ``llc_mean`` finite."""
+    def fit(self, steps: Any, llc_mean: Any, llc_std: Any = None, num_chains: Any = None
+            ) -> _Detector:
+        """Fit the curve. ``steps`` increasing non-negative integers; ``llc_mean`` finite.
+        ``llc_std`` and ``num_chains`` (a number or one per checkpoint) give each estimate's
+        standard error ``llc_std / sqrt(num_chains)``; without ``num_chains`` only the relative
+        sizes of ``llc_std`` are used."""
         steps = np.asarray(steps, dtype=np.int64)
         y = np.asarray(llc_mean, dtype=float)
         if steps.ndim != 1 or steps.shape != y.shape:
@@ -345,6 +378,7 @@ class _Detector(abc.ABC):
         self.steps_ = steps
         self.x_ = x
         self.noise_ = estimate_noise(x, y, rel)
+        self.standard_errors_ = _standard_errors(llc_std, num_chains, len(y))
         # The matrices are at most a few hundred wide: BLAS threads cannot speed them up, and
         # on a busy machine their spin-waiting makes each factorisation hundreds of times slower.
         with threadpool_limits(1, user_api="blas"):
@@ -360,7 +394,8 @@ class _Detector(abc.ABC):
         keep = _milestones(p, min_stage_length=self.min_stage_length, min_change=self.min_change,
                            plateau_ratio=self.plateau_ratio, significance=self.significance,
                            min_stage_checkpoints=self.min_stage_checkpoints,
-                           checkpoints=self.x_)
+                           checkpoints=self.x_, min_change_se=self.min_change_se,
+                           standard_errors=self.standard_errors_)
         a = np.abs(p.slope)
         edges = [0, *keep, len(p.x) - 1]
         rng = np.random.default_rng(0)
@@ -381,9 +416,10 @@ class _Detector(abc.ABC):
         self.boundary_ranges_ = [r for _, r in uniq]
         return [*self.boundaries_, int(self.steps_[-1])]
 
-    def fit_predict(self, steps: Any, llc_mean: Any, llc_std: Any = None) -> list[int]:
+    def fit_predict(self, steps: Any, llc_mean: Any, llc_std: Any = None,
+                    num_chains: Any = None) -> list[int]:
         """``fit`` then ``predict``."""
-        return self.fit(steps, llc_mean, llc_std).predict()
+        return self.fit(steps, llc_mean, llc_std, num_chains).predict()
 
     def _snap(self, x: float, direction: str = "nearest") -> int:
         """The checkpoint step nearest to ``x`` in log-step, or the nearest at or below ("down")
@@ -419,17 +455,24 @@ class CriticalPoints(_Detector):
             2, one interval there can make a stage (e.g. a tiny last stage on a flat final
             plateau); 3 asks for a checkpoint inside it. (Interior stages are held by data on
             both sides.)
+        min_change_se: a stage must also change λ̂ by this many standard errors of a single
+            estimate (``llc_std / sqrt(num_chains)``, the median over the stage's checkpoints;
+            used when the number of chains is known, as in a run directory). The fit's own
+            standard error comes from how smooth the curve is, and curves estimated with the
+            same seed at every checkpoint are smoother than their error bars, so without this a
+            drift of a fraction of one error bar along a plateau can count as a stage.
         lengthscale: fix the GP lengthscale (decades) instead of fitting it.
         grid_size: points of the uniform grid in log-step (checkpoints are added).
     """
 
     def __init__(self, *, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
-                 min_stage_checkpoints: int = 3, lengthscale: float | None = None,
-                 grid_size: int = 600) -> None:
+                 min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
+                 lengthscale: float | None = None, grid_size: int = 600) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
-                         grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints)
+                         grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints,
+                         min_change_se=min_change_se)
         if lengthscale is not None and not lengthscale > 0:
             raise ValueError(f"lengthscale must be > 0 decades, got {lengthscale}")
         self.lengthscale = lengthscale
@@ -581,16 +624,18 @@ class ChangePoints(_Detector):
         pen: penalty per extra segment in units of the noise variance (default ``3 · log n``).
         min_size: fewest checkpoints per segment (at least 3: a line and one degree of freedom).
         min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
-            grid_size: as in :class:`CriticalPoints`.
+            min_change_se, grid_size: as in :class:`CriticalPoints`.
     """
 
     def __init__(self, *, algorithm: str = "pelt", pen: float | None = None, min_size: int = 3,
                  min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
-                 min_stage_checkpoints: int = 3, grid_size: int = 600) -> None:
+                 min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
+                 grid_size: int = 600) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
-                         grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints)
+                         grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints,
+                         min_change_se=min_change_se)
         if algorithm not in ("pelt", "binseg"):
             raise ValueError(f"algorithm must be 'pelt' or 'binseg', got {algorithm!r}")
         if pen is not None and not pen > 0:
@@ -737,10 +782,11 @@ def _curve_frame(curve: Any) -> tuple[pd.DataFrame, str]:
     if missing:
         raise ValueError(f"{source} has no column {', '.join(missing)} (columns: "
                          f"{', '.join(map(str, frame.columns)) or 'none'}); {_NEEDS}")
-    for col in ("llc_std", "loss"):
+    for col in ("llc_std", "loss", "num_chains"):
         if col not in frame.columns:
             frame[col] = np.nan
-    frame = frame[["step", "llc_mean", "llc_std", "loss"]].apply(pd.to_numeric, errors="coerce")
+    frame = frame[["step", "llc_mean", "llc_std", "loss", "num_chains"]].apply(
+        pd.to_numeric, errors="coerce")
     if frame["step"].isna().any() or (frame["step"] < 0).any():
         raise ValueError(f"{source} has missing, non-numeric or negative steps; steps must be "
                          "the trainer's global_step (0, 1, ...)")
@@ -801,7 +847,8 @@ def _detect(curve: Any, detector: _Detector) -> list[dict]:
         raise ValueError(f"{source} has {len(frame)} checkpoint(s) with a finite λ̂ "
                          f"({int(bad.sum())} NaN skipped); stage detection needs at least "
                          f"{MIN_CHECKPOINTS}: estimate λ̂ at more steps")
-    detector.fit(frame["step"], frame["llc_mean"], frame["llc_std"])
+    chains = frame["num_chains"] if frame["num_chains"].notna().any() else None
+    detector.fit(frame["step"], frame["llc_mean"], frame["llc_std"], chains)
     return _stage_dicts(detector, frame, detector.predict())
 
 
@@ -890,6 +937,9 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
     parser.add_argument("--significance", type=float, metavar="Z",
                         help="standard errors of λ̂ change a stage needs "
                         f"(default {defaults['significance']})")
+    parser.add_argument("--min-change-se", type=float, metavar="K",
+                        help="standard errors of one estimate (llc_std / sqrt(num_chains)) a "
+                        f"stage must change λ̂ by (default {defaults['min_change_se']})")
     parser.add_argument("--min-stage-checkpoints", type=int, metavar="N",
                         help="fewest checkpoints the first and last stage span, ends included "
                         f"(default {defaults['min_stage_checkpoints']})")
@@ -900,7 +950,8 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
                                  ("min_change", args.min_change),
                                  ("plateau_ratio", args.plateau_ratio),
                                  ("significance", args.significance),
-                                 ("min_stage_checkpoints", args.min_stage_checkpoints))
+                                 ("min_stage_checkpoints", args.min_stage_checkpoints),
+                                 ("min_change_se", args.min_change_se))
                if v is not None}
     detector = make_detector(args.method, **options)
     with warnings.catch_warnings(record=True) as caught:

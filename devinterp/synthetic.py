@@ -113,7 +113,8 @@ def planted_llc_curve(
         seed: noise seed.
 
     Returns:
-        ``(curve, true_boundaries, true_types)``: DataFrame ``step, llc_mean, llc_std, loss``;
+        ``(curve, true_boundaries, true_types)``: DataFrame ``step, llc_mean, llc_std, loss,
+        num_chains``;
         planted stage ends (steps, final step excluded); stage types "A"/"B".
     """
     steps = checkpoint_steps(max_step) if steps is None else np.asarray(steps, dtype=np.int64)
@@ -126,7 +127,8 @@ def planted_llc_curve(
     llc_std = sd * np.sqrt(num_chains) * chi
     # A loss that falls where λ̂ rises, as the papers observed for type-A stages.
     loss = 2.0 - (clean - clean.min()) / span + 0.01 * rng.standard_normal(len(steps))
-    curve = pd.DataFrame({"step": steps, "llc_mean": llc, "llc_std": llc_std, "loss": loss})
+    curve = pd.DataFrame({"step": steps, "llc_mean": llc, "llc_std": llc_std, "loss": loss,
+                          "num_chains": num_chains})
     bounds, types = planted_milestones(transitions, int(steps[0]), int(steps[-1]))
     return curve, bounds, types
 

@@ -64,7 +64,7 @@ def test_run_directory_writes_stages_json(tmp_path, planted, capsys) -> None:
     store.write_metrics([{"step": int(s), "loss": float(v)}
                          for s, v in zip(curve["step"], curve["loss"], strict=True)])
     assert _tool().run([str(store.path), "--json", "--min-stage-length", "0.04",
-                        "--min-stage-checkpoints", "4"]) == 0
+                        "--min-stage-checkpoints", "4", "--min-change-se", "0.5"]) == 0
     captured = capsys.readouterr()
     stages = json.loads(captured.out)
     _check(stages, truth, types)
@@ -72,7 +72,7 @@ def test_run_directory_writes_stages_json(tmp_path, planted, capsys) -> None:
     assert "wrote" in captured.err and STAGES_FILE in captured.err
     doc = store.read_json(STAGES_FILE)
     assert doc["method"] == "critical" and doc["params"]["min_stage_length"] == 0.04
-    assert doc["params"]["min_stage_checkpoints"] == 4
+    assert doc["params"]["min_stage_checkpoints"] == 4 and doc["params"]["min_change_se"] == 0.5
     assert load_run(store.path).stages == stages
     # The same through the package's console script, which also writes the run directory.
     (store.path / STAGES_FILE).unlink()

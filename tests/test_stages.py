@@ -132,6 +132,20 @@ def test_no_last_stage_on_one_interval() -> None:
         detect_stages(QUICKSTART, min_stage_checkpoints=1)
 
 
+def test_a_drift_within_one_standard_error_is_no_stage() -> None:
+    """With the number of chains known (a run directory records it), the quickstart plateau's
+    drift of -0.2 is under one standard error of an estimate (llc_std / sqrt(4) ≈ 0.9): no
+    stage. The curve is smooth because every checkpoint used the same seed, which is why the
+    GP alone calls it significant."""
+    ends = [s["end_step"] for s in detect_stages(QUICKSTART.assign(num_chains=4))]
+    assert ends == [109, 3000]
+    ends = [s["end_step"] for s in detect_stages(QUICKSTART.assign(num_chains=4),
+                                                 min_change_se=0)]
+    assert ends == [109, 434, 3000]
+    with pytest.raises(ValueError, match="min_change_se must be >= 0"):
+        detect_stages(QUICKSTART, min_change_se=-1)
+
+
 def test_nan_rows_are_skipped_and_reported() -> None:
     curve, truth, types = planted_llc_curve(language_model_transitions(), noise=0.001, seed=0)
     curve.loc[[3, 60, 120], "llc_mean"] = np.nan
