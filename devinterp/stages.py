@@ -356,12 +356,13 @@ class _Detector(abc.ABC):
     def _profile(self, x: np.ndarray, y: np.ndarray, rel_sd: np.ndarray) -> Profile:
         """The fitted curve of checkpoints ``(x, y)`` with relative noise ``rel_sd``."""
 
-    def fit(self, steps: Any, llc_mean: Any, llc_std: Any = None, num_chains: Any = None
-            ) -> _Detector:
+    def fit(self, steps: Any, llc_mean: Any, llc_std: Any = None, num_chains: Any = None,
+            loss: Any = None) -> _Detector:
         """Fit the curve. ``steps`` increasing non-negative integers; ``llc_mean`` finite.
         ``llc_std`` and ``num_chains`` (a number or one per checkpoint) give each estimate's
         standard error ``llc_std / sqrt(num_chains)``; without ``num_chains`` only the relative
-        sizes of ``llc_std`` are used."""
+        sizes of ``llc_std`` are used. ``loss`` at the same steps is used by detectors that
+        segment λ̂ and loss jointly."""
         steps = np.asarray(steps, dtype=np.int64)
         y = np.asarray(llc_mean, dtype=float)
         if steps.ndim != 1 or steps.shape != y.shape:
@@ -379,6 +380,7 @@ class _Detector(abc.ABC):
         self.x_ = x
         self.noise_ = estimate_noise(x, y, rel)
         self.standard_errors_ = _standard_errors(llc_std, num_chains, len(y))
+        self.loss_ = None if loss is None else np.asarray(loss, dtype=float)
         # The matrices are at most a few hundred wide: BLAS threads cannot speed them up, and
         # on a busy machine their spin-waiting makes each factorisation hundreds of times slower.
         with threadpool_limits(1, user_api="blas"):
@@ -417,9 +419,9 @@ class _Detector(abc.ABC):
         return [*self.boundaries_, int(self.steps_[-1])]
 
     def fit_predict(self, steps: Any, llc_mean: Any, llc_std: Any = None,
-                    num_chains: Any = None) -> list[int]:
+                    num_chains: Any = None, loss: Any = None) -> list[int]:
         """``fit`` then ``predict``."""
-        return self.fit(steps, llc_mean, llc_std, num_chains).predict()
+        return self.fit(steps, llc_mean, llc_std, num_chains, loss).predict()
 
     def _snap(self, x: float, direction: str = "nearest") -> int:
         """The checkpoint step nearest to ``x`` in log-step, or the nearest at or below ("down")
@@ -619,16 +621,22 @@ class ChangePoints(_Detector):
     location). Segments are not stages: a sigmoid rise takes several lines. The lines, joined
     across breakpoints, are the fitted curve on which milestones are found.
 
+    With ``joint=True`` the segments are those of λ̂ and the training loss together: each
+    segment fits a line to both, each in units of its own noise (from :func:`estimate_noise`),
+    and the penalty is ``5 · log n`` (two lines and a location). A change that shows in both
+    curves is then located by both; milestones are still read off λ̂'s lines.
+
     Args:
         algorithm: "pelt" (exact optimum) or "binseg" (greedy, faster on long curves).
         pen: penalty per extra segment in units of the noise variance (default ``3 · log n``).
         min_size: fewest checkpoints per segment (at least 3: a line and one degree of freedom).
+        joint: segment λ̂ and the loss together (the loss must be known at every checkpoint).
         min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
             min_change_se, grid_size: as in :class:`CriticalPoints`.
     """
 
     def __init__(self, *, algorithm: str = "pelt", pen: float | None = None, min_size: int = 3,
-                 min_stage_length: float = 0.05, min_change: float = 0.005,
+                 joint: bool = False, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
                  min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
                  grid_size: int = 600) -> None:
@@ -645,19 +653,53 @@ class ChangePoints(_Detector):
         self.algorithm = algorithm
         self.pen = pen
         self.min_size = int(min_size)
+        self.joint = bool(joint)
 
     def _profile(self, x: np.ndarray, y: np.ndarray, rel_sd: np.ndarray) -> Profile:
         s = max(self.noise_, 1e-9 * float(np.ptp(y)))
         cost = _WeightedLinearCost().fit(np.column_stack([y, x, 1.0 / (s * rel_sd) ** 2]))
+        search: BaseCost = cost
+        params = 3
+        if self.joint:
+            search, params = _JointCost(cost, self._loss_cost(x)), 5
         algo = rpt.Pelt if self.algorithm == "pelt" else rpt.Binseg
-        pen = self.pen if self.pen is not None else 3.0 * math.log(len(y))
+        pen = self.pen if self.pen is not None else params * math.log(len(y))
         if len(y) < 2 * self.min_size:
             bkps = [len(y)]
         else:
-            bkps = algo(custom_cost=cost, min_size=self.min_size, jump=1).fit(
-                cost.signal).predict(pen=pen)
+            bkps = algo(custom_cost=search, min_size=self.min_size, jump=1).fit(
+                search.signal).predict(pen=pen)
         self.segments_ = [(int(a), int(b)) for a, b in pairwise([0, *bkps])]
         return _piecewise_linear_profile(cost, x, self.segments_, _grid(x, self.grid_size))
+
+
+    def _loss_cost(self, x: np.ndarray) -> _WeightedLinearCost:
+        """The loss's weighted-linear cost, in units of its own noise."""
+        loss = self.loss_
+        if loss is None or len(loss) != len(x) or not np.all(np.isfinite(loss)):
+            missing = len(x) if loss is None else int((~np.isfinite(loss)).sum())
+            raise ValueError(f"joint=True segments λ̂ and the loss together, but the loss is "
+                             f"unknown at {missing} of {len(x)} checkpoints; log a training "
+                             "loss (train_loss) at the λ̂ steps, or drop joint")
+        s = max(estimate_noise(x, loss), 1e-9 * float(np.ptp(loss)) or 1e-12)
+        return _WeightedLinearCost().fit(np.column_stack([loss, x, np.full(len(x), s ** -2)]))
+
+
+class _JointCost(BaseCost):
+    """ruptures cost of two signals on the same checkpoints: the sum of their costs."""
+
+    model = "joint_weighted_linear"
+    min_size = 3
+
+    def __init__(self, first: _WeightedLinearCost, second: _WeightedLinearCost) -> None:
+        self.first, self.second = first, second
+        self.signal = np.column_stack([first.signal, second.signal])
+
+    def fit(self, signal: np.ndarray) -> _JointCost:
+        return self  # both parts are fitted already (ruptures calls this with self.signal)
+
+    def error(self, start: int, end: int) -> float:
+        return self.first.error(start, end) + self.second.error(start, end)
 
 
 def _piecewise_linear_profile(cost: _WeightedLinearCost, x: np.ndarray,
@@ -708,6 +750,9 @@ def _piecewise_linear_profile(cost: _WeightedLinearCost, x: np.ndarray,
 def make_detector(method: str = "auto", **options: Any) -> _Detector:
     """A detector by name: "critical", "pelt", "binseg", or "auto" (the benchmark's best)."""
     name = DEFAULT_METHOD if method == "auto" else method
+    if options.get("joint") and name not in ("pelt", "binseg"):
+        raise ValueError("joint=True (λ̂ and loss together) works with method 'pelt' or "
+                         f"'binseg'; {name!r} reads λ̂ alone")
     if name == "critical":
         return CriticalPoints(**options)
     if name in ("pelt", "binseg"):
@@ -848,7 +893,7 @@ def _detect(curve: Any, detector: _Detector) -> list[dict]:
                          f"({int(bad.sum())} NaN skipped); stage detection needs at least "
                          f"{MIN_CHECKPOINTS}: estimate λ̂ at more steps")
     chains = frame["num_chains"] if frame["num_chains"].notna().any() else None
-    detector.fit(frame["step"], frame["llc_mean"], frame["llc_std"], chains)
+    detector.fit(frame["step"], frame["llc_mean"], frame["llc_std"], chains, frame["loss"])
     return _stage_dicts(detector, frame, detector.predict())
 
 
@@ -937,6 +982,8 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
     parser.add_argument("--significance", type=float, metavar="Z",
                         help="standard errors of λ̂ change a stage needs "
                         f"(default {defaults['significance']})")
+    parser.add_argument("--joint", action="store_true",
+                        help="with --method pelt/binseg: segment λ̂ and the loss together")
     parser.add_argument("--min-change-se", type=float, metavar="K",
                         help="standard errors of one estimate (llc_std / sqrt(num_chains)) a "
                         f"stage must change λ̂ by (default {defaults['min_change_se']})")
@@ -953,6 +1000,8 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
                                  ("min_stage_checkpoints", args.min_stage_checkpoints),
                                  ("min_change_se", args.min_change_se))
                if v is not None}
+    if args.joint:
+        options["joint"] = True
     detector = make_detector(args.method, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

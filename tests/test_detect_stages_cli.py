@@ -126,3 +126,18 @@ def test_constant_curve_is_one_stage(tmp_path, capsys) -> None:
     stages = json.loads(capsys.readouterr().out)
     assert len(stages) == 1 and stages[0]["start_step"] == 0
     assert stages[0]["end_step"] == 100_000 and stages[0]["llc_change"] == 0.0
+
+
+def test_joint_llc_and_loss_from_the_command_line(tmp_path, capsys) -> None:
+    """--joint reaches the detector (and needs a ruptures method): a loss column missing at some
+    checkpoints is named in one line with exit code 2."""
+    curve, _, _ = planted_llc_curve(language_model_transitions(), noise=0.002, seed=11)
+    csv = tmp_path / "llc.csv"
+    curve.to_csv(csv, index=False)
+    assert _tool().run([str(csv), "--method", "pelt", "--joint", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["stage"] == 1
+    curve.assign(loss=np.nan).to_csv(csv, index=False)
+    assert _tool().run([str(csv), "--method", "pelt", "--joint"]) == 2
+    assert "loss is unknown at" in capsys.readouterr().err
+    assert _tool().run([str(csv), "--joint"]) == 2
+    assert "works with method 'pelt' or 'binseg'" in capsys.readouterr().err

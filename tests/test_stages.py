@@ -94,6 +94,21 @@ def test_pelt_recovers_well_separated_transitions() -> None:
         assert_recovered(detect_stages(curve, method=method), truth, types)
 
 
+def test_pelt_on_llc_and_loss_jointly() -> None:
+    """joint=True: ruptures segments λ̂ and the loss together (the planted loss falls where λ̂
+    rises); the milestones are still λ̂'s, and a missing loss is named."""
+    ts = [Transition(300, 5.0, 0.09), Transition(2_000, -4.0, 0.09),
+          Transition(13_000, 6.0, 0.09)]
+    curve, truth, types = planted_llc_curve(ts, noise=0.002, seed=2)
+    for method in ("pelt", "binseg"):
+        assert_recovered(detect_stages(curve, method=method, joint=True), truth, types)
+    with pytest.raises(ValueError, match=r"loss is unknown at 3 of \d+ checkpoints"):
+        detect_stages(curve.assign(loss=curve["loss"].where(curve.index > 2)), method="pelt",
+                      joint=True)
+    with pytest.raises(ValueError, match="joint=True .* works with method 'pelt' or 'binseg'"):
+        detect_stages(curve, joint=True)
+
+
 # -- flat curves, NaN rows, input checks ------------------------------------------------------
 @pytest.mark.parametrize("method", ["critical", "pelt"])
 def test_flat_curve_is_one_stage(method: str) -> None:
