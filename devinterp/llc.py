@@ -169,8 +169,13 @@ def _warnings(r: LLCResult) -> list[str]:
     if np.isfinite(rhat) and rhat > 1.1:
         out.append(f"split R-hat is {rhat:.2f} (> 1.1): chains disagree or have not mixed; use "
                    "more draws or burn-in")
-    if abs(d.get("drift", 0.0)) > 4:
-        out.append(f"the λ̂ trace still drifts ({d['drift']:+.1f} spreads between halves): "
+    drift = d.get("drift", 0.0)
+    if drift > 4:
+        out.append(f"the λ̂ trace still drifts up ({drift:+.1f} spreads between halves): the "
+                   "chains are still climbing away from w*; increase num_burnin, or a larger "
+                   "localization keeps them nearer w* (λ̂ then depends on it: report it)")
+    elif drift < -4:
+        out.append(f"the λ̂ trace still drifts down ({drift:+.1f} spreads between halves): "
                    "increase num_burnin")
     return out
 

@@ -324,3 +324,19 @@ def test_bad_inputs_have_clear_errors():
         estimate_llc(model, (x, y), **FAST)
     with pytest.raises(ValueError, match="empty"):
         estimate_llc(model, TensorDataset(x[:0], y[:0]), gaussian_nll, **FAST)
+
+
+@pytest.mark.parametrize("direction", [1.0, -1.0])
+def test_drift_warning_says_which_way_and_what_to_do(direction):
+    """A λ̂ trace still climbing means chains are moving away from w* (burn-in or localization);
+    one still falling means burn-in only."""
+    from devinterp.llc import _summarize
+
+    rng = np.random.default_rng(0)
+    trace = 10 + direction * np.linspace(0, 5, 200)[None, :] + rng.normal(0, 0.5, (4, 200))
+    r = _summarize(trace, trace / 100, np.zeros(200), np.full(4, 0.9), np.zeros(4, bool),
+                   {"step_size": 1e-3}, {})
+    drift = [w for w in r.warnings if "drifts" in w]
+    assert len(drift) == 1 and "increase num_burnin" in drift[0]
+    assert ("localization" in drift[0]) == (direction > 0)
+    assert ("drifts up" in drift[0]) == (direction > 0)

@@ -131,7 +131,8 @@ HEALTH_RULES: tuple[HealthRule, ...] = (
     HealthRule("frac_below_baseline", "draws below baseline", None, 0.3,
                "over 30% of draws have a loss below L(w*): the sampler may still be optimizing"),
     HealthRule("drift", "λ̂ trace drift", -4.0, 4.0,
-               "the λ̂ trace still drifts between its halves: increase num_burnin"),
+               "the λ̂ trace still drifts between its halves: increase num_burnin (climbing: "
+               "or a larger localization)"),
 )
 _RULES = {r.column: r for r in HEALTH_RULES}
 NOT_FINITE_WHY = "λ̂ is not finite: the chains diverged or the loss at w* is not finite"
