@@ -953,6 +953,20 @@ def format_table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
+#: Detector options on the command line: (name, type, metavar, help).
+_DETECTOR_FLAGS = (
+    ("min_stage_length", float, "DECADES", "shortest stage in decades of log10(step + 1)"),
+    ("min_change", float, "FRACTION", "smallest stage as a fraction of the λ̂ range"),
+    ("plateau_ratio", float, "R", "largest |slope| at a milestone relative to the steepest "
+     "slope of the stages beside it"),
+    ("significance", float, "Z", "standard errors of the fit a stage must change λ̂ by"),
+    ("min_change_se", float, "K", "standard errors of one estimate (llc_std / "
+     "sqrt(num_chains)) a stage must change λ̂ by"),
+    ("min_stage_checkpoints", int, "N", "fewest checkpoints the first and last stage span, "
+     "ends included"),
+)
+
+
 def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> int:
     """``devinterp stages INPUT``: print the stage table; write stages.json for a run directory.
 
@@ -970,36 +984,16 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
                         help=f"detector (auto = {DEFAULT_METHOD}, best on tools/bench_stages.py)")
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON list of stage dicts on stdout")
-    parser.add_argument("--min-stage-length", type=float, metavar="DECADES",
-                        help="shortest stage in decades of log10(step + 1) "
-                        f"(default {defaults['min_stage_length']})")
-    parser.add_argument("--min-change", type=float, metavar="FRACTION",
-                        help="smallest stage as a fraction of the λ̂ range "
-                        f"(default {defaults['min_change']})")
-    parser.add_argument("--plateau-ratio", type=float, metavar="R",
-                        help="largest |slope| at a milestone relative to the steepest slope of "
-                        f"the stages beside it (default {defaults['plateau_ratio']})")
-    parser.add_argument("--significance", type=float, metavar="Z",
-                        help="standard errors of λ̂ change a stage needs "
-                        f"(default {defaults['significance']})")
+    for name, kind, metavar, text in _DETECTOR_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar,
+                            help=f"{text} (default {defaults[name]})")
     parser.add_argument("--joint", action="store_true",
                         help="with --method pelt/binseg: segment λ̂ and the loss together")
-    parser.add_argument("--min-change-se", type=float, metavar="K",
-                        help="standard errors of one estimate (llc_std / sqrt(num_chains)) a "
-                        f"stage must change λ̂ by (default {defaults['min_change_se']})")
-    parser.add_argument("--min-stage-checkpoints", type=int, metavar="N",
-                        help="fewest checkpoints the first and last stage span, ends included "
-                        f"(default {defaults['min_stage_checkpoints']})")
     parser.add_argument("--no-write", action="store_true",
                         help="do not write stages.json into the run directory")
     args = parser.parse_args(argv)
-    options = {k: v for k, v in (("min_stage_length", args.min_stage_length),
-                                 ("min_change", args.min_change),
-                                 ("plateau_ratio", args.plateau_ratio),
-                                 ("significance", args.significance),
-                                 ("min_stage_checkpoints", args.min_stage_checkpoints),
-                                 ("min_change_se", args.min_change_se))
-               if v is not None}
+    options = {name: getattr(args, name) for name, *_ in _DETECTOR_FLAGS
+               if getattr(args, name) is not None}
     if args.joint:
         options["joint"] = True
     detector = make_detector(args.method, **options)
