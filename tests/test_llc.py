@@ -340,3 +340,22 @@ def test_drift_warning_says_which_way_and_what_to_do(direction):
     assert len(drift) == 1 and "increase num_burnin" in drift[0]
     assert ("localization" in drift[0]) == (direction > 0)
     assert ("drifts up" in drift[0]) == (direction > 0)
+
+
+def test_sync_free_loop_gives_the_same_numbers(monkeypatch):
+    """On accelerators the chain loop resets diverged chains without asking the device whether
+    any diverged (no sync per step); forced on the CPU it gives the very same result."""
+    import devinterp.llc as llc
+
+    data = (torch.zeros(100, 1), torch.zeros(100))
+    kw = dict(num_chains=8, num_draws=50, num_burnin=0, step_size=0.02, nbeta=1.0,
+              localization=0.0, seed=0, sampler="sgld")
+    model, regression = small_regression()
+    plain = estimate_llc(Cliff(), data, mean_output, **kw)
+    plain_mlp = estimate_llc(model, regression, nn.MSELoss(), **FAST)
+    monkeypatch.setattr(llc, "_sync_free", lambda device: True)
+    free = estimate_llc(Cliff(), data, mean_output, **kw)
+    free_mlp = estimate_llc(model, regression, nn.MSELoss(), **FAST)
+    assert 0 < free.diagnostics["num_diverged"] == plain.diagnostics["num_diverged"]
+    np.testing.assert_array_equal(free.loss_trace, plain.loss_trace)
+    np.testing.assert_array_equal(free_mlp.llc_trace, plain_mlp.llc_trace)
