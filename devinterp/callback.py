@@ -589,17 +589,18 @@ class LLCCallback(Callback):
         from devinterp.stages import DEFAULT_METHOD, detect_stages, write_stages
 
         try:
-            with contextlib.suppress(ValueError):  # too few checkpoints: no stages yet
+            try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # failed rows are skipped, and say so
                     stages = detect_stages(self._store.path)
-                write_stages(self._store.path, stages, method=DEFAULT_METHOD, params={})
-                llc = self._store.read_table(LLC_FILE)
-                ok = llc[llc["status"] == "ok"]["step"].astype(int)
-                ends = [s["end_step"] for s in stages]
-                for step in ok:
-                    index = 1 + sum(step > end for end in ends[:-1])
-                    self._log(trainer, step, {"stage/index": float(index)})
+            except ValueError:  # too few checkpoints with a λ̂: no stages yet
+                return
+            write_stages(self._store.path, stages, method=DEFAULT_METHOD, params={})
+            llc = self._store.read_table(LLC_FILE)
+            ends = [s["end_step"] for s in stages]
+            for step in llc[llc["status"] == "ok"]["step"].astype(int):
+                index = 1 + sum(step > end for end in ends[:-1])
+                self._log(trainer, step, {"stage/index": float(index)})
         except Exception as e:  # noqa: BLE001 - the training run is done; keep it that way
             self._warn_once("stages", f"LLCCallback: could not detect stages "
                             f"({type(e).__name__}: {e}); run `devinterp stages "
