@@ -8,7 +8,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -586,21 +585,15 @@ class LLCCallback(Callback):
         ``stage/index`` (the 1-based stage each λ̂ step lies in; a milestone closes its stage)
         at the λ̂ steps, so every logger shows the stages on the λ̂ axis. Fewer than 5 λ̂ rows:
         nothing. A failure here warns; it never fails the finished training."""
-        from devinterp.stages import DEFAULT_METHOD, detect_stages, write_stages
+        from devinterp.stages import detect_and_write, stage_index
 
         try:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # failed rows are skipped, and say so
-                    stages = detect_stages(self._store.path)
-            except ValueError:  # too few checkpoints with a λ̂: no stages yet
+            stages = detect_and_write(self._store.path)
+            if not stages:
                 return
-            write_stages(self._store.path, stages, method=DEFAULT_METHOD, params={})
             llc = self._store.read_table(LLC_FILE)
-            ends = [s["end_step"] for s in stages]
             for step in llc[llc["status"] == "ok"]["step"].astype(int):
-                index = 1 + sum(step > end for end in ends[:-1])
-                self._log(trainer, step, {"stage/index": float(index)})
+                self._log(trainer, step, {"stage/index": float(stage_index(stages, step))})
         except Exception as e:  # noqa: BLE001 - the training run is done; keep it that way
             self._warn_once("stages", f"LLCCallback: could not detect stages "
                             f"({type(e).__name__}: {e}); run `devinterp stages "

@@ -536,8 +536,13 @@ def main(argv: list[str] | None = None) -> int:
 def log_to_wandb(run_dir: str | os.PathLike) -> int:
     """Log every ``ok`` λ̂ row to the W&B run recorded in ``run.json``, on the
     ``trainer/global_step`` axis (so the values line up with the loss even though they arrive
-    after training). Returns the number of rows logged."""
+    after training), with ``stage/index`` once there are enough rows for stages, then attach the
+    dashboard page, as the callback does at the end of inline training. Returns the number of
+    rows logged."""
     import wandb
+
+    from devinterp.dashboard import log_to_wandb as attach_dashboard
+    from devinterp.stages import detect_and_write, stage_index
 
     store = RunStore(run_dir)
     info = (store.read_json(RUN_FILE, {}) or {}).get("wandb")
@@ -550,6 +555,8 @@ def log_to_wandb(run_dir: str | os.PathLike) -> int:
     try:
         run.define_metric("trainer/global_step")
         run.define_metric("llc/*", step_metric="trainer/global_step")
+        run.define_metric("stage/*", step_metric="trainer/global_step")
+        stages = detect_and_write(store.path)
         n = 0
         for row in table.to_dict("records"):
             if row.get("status", "ok") != "ok":
@@ -557,8 +564,11 @@ def log_to_wandb(run_dir: str | os.PathLike) -> int:
             values = {"mean": row["llc_mean"], "std": row["llc_std"],
                       **{k: row[k] for k in _WANDB_COLUMNS if k in row}}
             metrics = {f"llc/{k}": float(v) for k, v in values.items() if math.isfinite(v)}
+            if stages:
+                metrics["stage/index"] = float(stage_index(stages, int(row["step"])))
             run.log({**metrics, "trainer/global_step": int(row["step"])})
             n += 1
+        attach_dashboard(store.path, run)
     finally:
         run.finish()
     return n

@@ -934,6 +934,26 @@ def _stage_dicts(detector: _Detector, frame: pd.DataFrame, ends: list[int]) -> l
     return out
 
 
+def stage_index(stages: list[dict], step: int) -> int:
+    """The 1-based stage that ``step`` lies in (a milestone closes its stage): what the callback
+    and ``devinterp estimate --wandb`` log as ``stage/index`` at each λ̂ step."""
+    return 1 + sum(step > s["end_step"] for s in stages[:-1])
+
+
+def detect_and_write(run_dir: str | os.PathLike) -> list[dict]:
+    """Detect the stages of a run directory with the default method and write ``stages.json``;
+    ``[]`` (nothing written) when there are too few λ̂ points. Skipped NaN rows are not warned
+    about here: the table already says why they failed."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stages = detect_stages(run_dir)
+    except ValueError:
+        return []
+    write_stages(run_dir, stages, method=DEFAULT_METHOD, params={})
+    return stages
+
+
 def write_stages(run_dir: str | os.PathLike, stages: list[dict], *, method: str,
                  params: dict[str, Any]) -> None:
     """Write ``stages.json`` = ``{"method", "params", "stages"}`` into a run directory."""

@@ -235,15 +235,20 @@ def test_wandb_receives_deferred_values_on_the_loss_axis(tmp_path, monkeypatch):
     cb = LLCCallback(tmp_path / "run", every_n_train_steps=4, mode="deferred", progress=False,
                      **FAST)
     try:
-        fit(tmp_path, [cb], logger=logger)
+        fit(tmp_path, [cb], logger=logger, max_steps=24)
     finally:
         wandb.finish()
     assert main([str(tmp_path / "run"), "--wandb", "--quiet"]) == 0
     history = wandb_history(tmp_path / "wb")  # the training run and the estimate's resume
     llc = {r["trainer/global_step"]: r["llc/mean"] for r in history if "llc/mean" in r}
-    table = load_run(tmp_path / "run").llc
-    assert llc == pytest.approx(dict(zip(table["step"], table["llc_mean"], strict=True)))
+    run = load_run(tmp_path / "run")
+    assert llc == pytest.approx(dict(zip(run.llc["step"], run.llc["llc_mean"], strict=True)))
     assert any("train_loss" in r for r in history)
+    # As at the end of inline training: stages written, stage/index on the λ̂ steps, the page.
+    assert run.stages and run.stages[-1]["end_step"] == 24
+    index = {r["trainer/global_step"]: r["stage/index"] for r in history if "stage/index" in r}
+    assert sorted(index) == sorted(llc) and index[0] == 1
+    assert any(r.get("dashboard/_type") == "html-file" for r in history)
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, capsys):
