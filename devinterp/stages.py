@@ -751,7 +751,7 @@ def make_detector(method: str = "auto", **options: Any) -> _Detector:
     """A detector by name: "critical", "pelt", "binseg", or "auto" (the benchmark's best)."""
     name = DEFAULT_METHOD if method == "auto" else method
     if options.get("joint") and name not in ("pelt", "binseg"):
-        raise ValueError("joint=True (λ̂ and loss together) works with method 'pelt' or "
+        raise ValueError("joint=True (--joint: λ̂ and loss together) works with method 'pelt' or "
                          f"'binseg'; {name!r} reads λ̂ alone")
     if name == "critical":
         return CriticalPoints(**options)
