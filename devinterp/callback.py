@@ -26,6 +26,7 @@ from devinterp.fabric import (
     chain_range,
     describe,
     iter_floats,
+    module_loss,
     preserved_training_state,
     record_result,
     resolved_num_chains,
@@ -462,10 +463,9 @@ class LLCCallback(Callback):
         """``(loss_fn, batch_loss)``: exactly one is set (see the class docstring)."""
         if self.loss_fn is not None:
             return self.loss_fn, None
-        if callable(getattr(module, "llc_batch_loss", None)):
-            return None, module.llc_batch_loss
-        if callable(getattr(module, "loss_fn", None)):
-            return module.loss_fn, None
+        found = module_loss(module)
+        if found is not None:
+            return found
         raise ValueError(
             f"LLCCallback needs a loss: {type(module).__name__} has no `loss_fn` attribute "
             "(callable(outputs, targets) -> mean loss) and no `llc_batch_loss(self, forward, "

@@ -348,6 +348,21 @@ def track_llc(
     return record_result(store, step, result, save_trace=save_trace)
 
 
+def module_loss(module: nn.Module, *, prefer_loss_fn: bool = False
+                ) -> tuple[Callable | None, Callable | None] | None:
+    """The loss a module provides, by the one documented convention: ``(None, batch_loss)`` for
+    a method ``llc_batch_loss(self, forward, batch)``, else ``(loss_fn, None)`` for an attribute
+    ``loss_fn(outputs, targets)``; None when it has neither. ``prefer_loss_fn`` checks
+    ``loss_fn`` first (a run recorded that it sampled with it)."""
+    batch_loss = getattr(module, "llc_batch_loss", None)
+    loss_fn = getattr(module, "loss_fn", None)
+    if callable(batch_loss) and not (prefer_loss_fn and callable(loss_fn)):
+        return None, batch_loss
+    if callable(loss_fn):
+        return loss_fn, None
+    return None
+
+
 def training_data(loader: Any) -> Any:
     """What to sample with, given a training loader: its dataset, so the estimator draws its own
     minibatches of its own size from ``seed``; the loader itself when it collates specially or

@@ -35,6 +35,7 @@ from devinterp.fabric import (
     ESTIMATOR_OPTIONS,
     describe,
     estimator_kwargs,
+    module_loss,
     record_result,
     run_estimator,
     training_data,
@@ -360,11 +361,9 @@ class _ModelBuilder:
         recipe = self.meta.get("loss") or {}
         if recipe.get("kind") == "function":
             return load_object(recipe["path"]), None
-        if recipe.get("kind") != "module_loss_fn" and callable(getattr(model, "llc_batch_loss",
-                                                                       None)):
-            return None, model.llc_batch_loss
-        if callable(getattr(model, "loss_fn", None)):
-            return model.loss_fn, None
+        found = module_loss(model, prefer_loss_fn=recipe.get("kind") == "module_loss_fn")
+        if found is not None:
+            return found
         raise ValueError(
             f"cannot rebuild the loss for {self.store.path}: the module has no `loss_fn` or "
             "`llc_batch_loss`; pass --loss package.module:function (outputs, targets) -> loss"

@@ -408,3 +408,20 @@ def test_built_from_yaml_like_lightning_cli_with_every_argument_documented():
     assert cb.options["num_chains"] == 4 and cb.loss_fn is nn.functional.mse_loss
     documented = {p.arg_name for p in docstring_parser.parse(LLCCallback.__doc__).params}
     assert documented == set(inspect.signature(LLCCallback).parameters)
+
+
+def test_module_loss_convention_is_one_function():
+    """llc_batch_loss wins over loss_fn, unless the run recorded that it sampled with loss_fn;
+    neither: None (the callback and devinterp estimate then name what to add)."""
+    from devinterp.fabric import module_loss
+
+    class Both(nn.Module):
+        loss_fn = staticmethod(nn.functional.mse_loss)
+
+        def llc_batch_loss(self, forward, batch):
+            return forward(batch[0]).sum()
+
+    both = Both()
+    assert module_loss(both) == (None, both.llc_batch_loss)
+    assert module_loss(both, prefer_loss_fn=True) == (nn.functional.mse_loss, None)
+    assert module_loss(nn.Linear(2, 1)) is None
