@@ -189,15 +189,15 @@ class _Rules:
     """What a stage and a milestone must satisfy (see the module docstring)."""
 
     def __init__(self, p: Profile, *, min_stage_length: float, min_change: float,
-                 plateau_ratio: float, significance: float, min_stage_checkpoints: int = 2,
-                 checkpoints: np.ndarray | None = None, min_change_se: float = 0.0,
-                 standard_errors: np.ndarray | None = None) -> None:
+                 plateau_ratio: float, significance: float, min_stage_checkpoints: int,
+                 checkpoints: np.ndarray, min_change_se: float,
+                 standard_errors: np.ndarray | None) -> None:
         self.p, self.abs_slope = p, np.abs(p.slope)
         self.min_change_se = min_change_se
         self.standard_errors = standard_errors
         self.min_stage_length = min_stage_length
         self.min_stage_checkpoints = min_stage_checkpoints
-        self.checkpoints = p.x if checkpoints is None else np.asarray(checkpoints, float)
+        self.checkpoints = np.asarray(checkpoints, float)
         self.min_change = min_change * float(np.ptp(p.llc))
         self.plateau_ratio = plateau_ratio
         self.significance = significance
@@ -252,9 +252,9 @@ class _Rules:
 
 
 def _milestones(p: Profile, *, min_stage_length: float, min_change: float,
-                plateau_ratio: float, significance: float, min_stage_checkpoints: int = 2,
-                checkpoints: np.ndarray | None = None, min_change_se: float = 0.0,
-                standard_errors: np.ndarray | None = None) -> list[int]:
+                plateau_ratio: float, significance: float, min_stage_checkpoints: int,
+                checkpoints: np.ndarray, min_change_se: float,
+                standard_errors: np.ndarray | None) -> list[int]:
     """Grid indices of the milestones of a fitted curve.
 
     First the extrema (where λ̂ turns from rising to falling or back) are simplified as in
