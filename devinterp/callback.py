@@ -35,7 +35,7 @@ from devinterp.fabric import (
     weights_finite,
     write_settings,
 )
-from devinterp.llc import sampled_parameters
+from devinterp.llc import check_weights, sampled_parameters
 from devinterp.sampling import SAMPLERS
 from devinterp.store import LLC_FILE, RUN_FILE, RunStore
 
@@ -190,10 +190,8 @@ class LLCCallback(Callback):
             raise ValueError(f"nbeta must be > 0, got {nbeta!r}")
         if localization is not None and not localization >= 0:
             raise ValueError(f"localization must be >= 0, got {localization!r}")
-        if weights is not None and (isinstance(weights, str) or not weights
-                                    or not all(isinstance(w, str) for w in weights)):
-            raise ValueError(f"weights must be a non-empty list of parameter names or fnmatch "
-                             f"patterns, got {weights!r}")
+        if weights is not None:
+            check_weights(weights)
         if sampler is not None and sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         self.dirpath = dirpath

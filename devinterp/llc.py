@@ -734,6 +734,16 @@ def estimate_llc(
     )
 
 
+def check_weights(weights: Sequence[str]) -> None:
+    """Raise unless ``weights`` is a non-empty list of parameter names / fnmatch patterns."""
+    if isinstance(weights, str) or not all(isinstance(w, str) for w in weights):
+        raise TypeError(f"weights must be a list of parameter names or fnmatch patterns, got "
+                        f"{weights!r}")
+    if not weights:
+        raise ValueError("weights=[] names no parameter; leave weights unset to sample all "
+                         "trainable parameters")
+
+
 def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
                         ) -> dict[str, nn.Parameter]:
     """The parameters SGLD moves, by name: those matching ``weights``, else the trainable ones."""
@@ -744,13 +754,11 @@ def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
             raise ValueError("model has no trainable parameters (requires_grad=True); unfreeze "
                              "the weights whose λ̂ you want, or name them with weights=[...]")
         return params
-    if isinstance(weights, str) or not all(isinstance(w, str) for w in weights):
-        raise TypeError(f"weights must be a list of parameter names or fnmatch patterns, got "
-                        f"{weights!r}")
+    check_weights(weights)
     unmatched = [w for w in weights if not any(fnmatch.fnmatchcase(n, w) for n in named)]
-    if unmatched or not weights:
+    if unmatched:
         shown = ", ".join(list(named)[:12]) + (", ..." if len(named) > 12 else "")
-        raise ValueError(f"weights {unmatched or '[]'} match no parameter of "
+        raise ValueError(f"weights {unmatched} match no parameter of "
                          f"{type(model).__name__}; its parameters are: {shown}")
     return {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, w) for w in weights)}
 

@@ -147,10 +147,13 @@ def test_fast_dev_run_is_skipped(tmp_path):
     ({"every_n_train_steps": 5, "num_chains": 0}, "num_chains must be an integer >= 1"),
     ({"every_n_train_steps": 5, "step_size": -1.0}, "step_size must be a positive float"),
     ({"every_n_train_steps": 5, "sampler": "hmc"}, "sampler must be one of"),
+    ({"every_n_train_steps": 5, "weights": []}, "names no parameter"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLCCallback("unused", **kwargs)
+    with pytest.raises(TypeError, match="list of parameter names"):
+        LLCCallback("unused", every_n_train_steps=5, weights="net.0.weight")
 
 
 def test_log_spaced_without_a_step_budget_fails_before_training(tmp_path):

@@ -109,6 +109,8 @@ def test_weights_selects_what_moves_and_all_of_them_is_the_plain_llc():
         estimate_llc(model, data, nn.MSELoss(), weights=["3.bias", "head.*", "0.*"], **FAST)
     with pytest.raises(TypeError, match="list of parameter names"):
         estimate_llc(model, data, nn.MSELoss(), weights="0.weight", **FAST)
+    with pytest.raises(ValueError, match=r"weights=\[\] names no parameter"):
+        estimate_llc(model, data, nn.MSELoss(), weights=[], **FAST)
 
 
 # -- contracts --------------------------------------------------------------------------------
