@@ -152,6 +152,9 @@ def test_fast_dev_run_is_skipped(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLCCallback("unused", **kwargs)
+
+
+def test_weights_as_a_string_is_a_type_error():
     with pytest.raises(TypeError, match="list of parameter names"):
         LLCCallback("unused", every_n_train_steps=5, weights="net.0.weight")
 
