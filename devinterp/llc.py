@@ -15,6 +15,7 @@ the paired baseline costs one extra forward pass per step, whatever the number o
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import time
@@ -25,7 +26,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, vmap
+from torch.func import grad, grad_and_value, vmap
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from devinterp import sampling
@@ -331,6 +333,17 @@ def _batch_source(data: Any, batch_size: int, device: torch.device,
 # ----------------------------------------------------------------------------------------------
 # The driver
 # ----------------------------------------------------------------------------------------------
+def at_weights(model: nn.Module, tensors: Mapping[str, Tensor]) -> contextlib.AbstractContextManager:
+    """Run ``model`` (and all its submodules and methods) with its parameters and buffers
+    replaced by ``tensors`` inside the block; tied tensors (one tensor registered under several
+    names, e.g. GPT-2's output head and input embedding) are replaced under every name.
+
+    This is the context manager behind ``torch.func.functional_call`` (``tie_weights=True``):
+    functional_call only runs ``forward``, while a loss may need the model's other methods.
+    """
+    return _reparametrize_module(model, dict(tensors), tie_weights=True)
+
+
 @dataclass
 class _Problem:
     """Everything the chains need: the loss as a function of parameters, the anchor w*, data."""
@@ -351,15 +364,19 @@ class _Problem:
         return self.loss(self.anchor, batch).detach().double()
 
     def loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
-        tensors = {**self.consts, **params}
+        """The batch loss with the model's weights replaced by ``params`` for the whole call,
+        so a ``batch_loss`` may run the model, any of its submodules or methods (e.g. a
+        LightningModule's ``training_step``) and every use of a tied tensor moves together."""
+        with at_weights(self.model, {**self.consts, **params}):
+            if self.batch_loss is not None:
+                return self.batch_loss(self.model, batch)
+            inputs, targets = batch
+            return self.loss_fn(self.model(inputs), targets)
 
-        def forward(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.model, tensors, args, kwargs, tie_weights=False)
-
-        if self.batch_loss is not None:
-            return self.batch_loss(forward, batch)
-        inputs, targets = batch
-        return self.loss_fn(forward(inputs), targets)
+    def outputs_at_anchor(self, inputs: Tensor) -> Tensor:
+        """The model's outputs at w* (for the per-sample baseline cache)."""
+        with at_weights(self.model, {**self.consts, **self.anchor}):
+            return self.model(inputs)
 
 
 def _chain_generators(seed: int, chains: Sequence[int], device: torch.device) -> list:
@@ -683,9 +700,7 @@ def estimate_llc(
                     num_chains / (chain_chunk_size or num_chains))
             ):
                 # One pass over the data at w* costs less than a baseline forward per draw.
-                tensors = {**consts, **anchor}
-                prob.baseline_cache = source.per_sample_losses(
-                    lambda x: functional_call(model, tensors, (x,), tie_weights=False), loss_fn)
+                prob.baseline_cache = source.per_sample_losses(prob.outputs_at_anchor, loss_fn)
             if step_size == "auto":
                 eps, calib = _calibrate(prob, seed=seed, nbeta=nbeta, localization=gamma,
                                         sampler=sampler, vectorize=vectorize,
@@ -744,9 +759,20 @@ def check_weights(weights: Sequence[str]) -> None:
                          "trainable parameters")
 
 
+def parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """Every name a parameter is registered under -> its canonical name (the one
+    ``named_parameters()`` lists). A tied tensor has several names and one canonical name."""
+    canonical: dict[int, str] = {}
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        out[name] = canonical.setdefault(id(p), name)
+    return out
+
+
 def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
                         ) -> dict[str, nn.Parameter]:
-    """The parameters SGLD moves, by name: those matching ``weights``, else the trainable ones."""
+    """The parameters SGLD moves, by canonical name: those matching ``weights`` (a pattern may
+    name any alias of a tied tensor), else the trainable ones. A tied tensor counts once."""
     named = dict(model.named_parameters())
     if weights is None:
         params = {n: p for n, p in named.items() if p.requires_grad}
@@ -755,12 +781,14 @@ def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
                              "the weights whose λ̂ you want, or name them with weights=[...]")
         return params
     check_weights(weights)
-    unmatched = [w for w in weights if not any(fnmatch.fnmatchcase(n, w) for n in named)]
+    aliases = parameter_aliases(model)
+    unmatched = [w for w in weights if not any(fnmatch.fnmatchcase(n, w) for n in aliases)]
     if unmatched:
         shown = ", ".join(list(named)[:12]) + (", ..." if len(named) > 12 else "")
         raise ValueError(f"weights {unmatched} match no parameter of "
                          f"{type(model).__name__}; its parameters are: {shown}")
-    return {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, w) for w in weights)}
+    chosen = {c for n, c in aliases.items() if any(fnmatch.fnmatchcase(n, w) for w in weights)}
+    return {n: p for n, p in named.items() if n in chosen}
 
 
 def _check_loss(prob: _Problem, seed: int) -> None:
