@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -38,6 +39,55 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+#: Environment variables that size the thread pools of torch, OpenMP and the BLAS libraries when
+#: they load: set by :func:`apply_threads` for libraries not loaded yet and for child processes.
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def _thread_count(text: str) -> int:
+    """argparse type of ``--threads``: a positive integer, or a one-line error saying so."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be a positive integer, got {text!r}")
+    return n
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, *, default: str = "the library's "
+                         "choice") -> None:
+    """Add ``--threads N`` to a command's parser (one spelling and one check for every command);
+    ``default`` says in the help what the command does without it. Pass the parsed value to
+    :func:`apply_threads`."""
+    parser.add_argument(
+        "--threads", type=_thread_count, default=None, metavar="N",
+        help="threads for torch, OpenMP and BLAS (torch.set_num_threads and the "
+             f"OMP/MKL/OpenBLAS pools); default: {default}")
+
+
+def apply_threads(n: int | None) -> None:
+    """Run torch and the OpenMP / BLAS pools on ``n`` threads; None leaves them as they are.
+
+    Pools already loaded are resized now (torch only if it is imported: this never imports it,
+    so a command can call this before its heavy imports); ``OMP_NUM_THREADS``,
+    ``MKL_NUM_THREADS`` and ``OPENBLAS_NUM_THREADS`` are set so that libraries loaded later and
+    child processes (e.g. post-hoc workers) start with ``n`` too.
+    """
+    if n is None:
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    for name in THREAD_ENV:
+        os.environ[name] = str(n)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def run_command(prog: str, main: Callable[[list[str]], int], argv: list[str],

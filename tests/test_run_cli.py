@@ -290,3 +290,58 @@ def test_help_lists_the_config_keys(capsys, config):
     code, out, _ = run(capsys, str(config), "--model.help",
                        "experiments.tms.ToyModelOfSuperposition")
     assert code == 0 and any("--model.lr" in line for line in out)
+
+
+# -- --threads: one flag, one policy for every command --------------------------------------------
+def test_threads_argument_accepts_positive_integers_only():
+    from devinterp.cli import ArgumentParser, add_threads_argument
+
+    parser = ArgumentParser(prog="devinterp x")
+    add_threads_argument(parser)
+    assert parser.parse_args(["--threads", "3"]).threads == 3
+    assert parser.parse_args([]).threads is None
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(UsageError, match=f"--threads must be a positive integer, got '{bad}'"):
+            parser.parse_args(["--threads", bad])
+
+
+def test_apply_threads_resizes_torch_and_blas_now_and_sets_the_environment(monkeypatch):
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from devinterp.cli import THREAD_ENV, apply_threads
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    before = torch.get_num_threads()
+    pools = {p["prefix"]: p["num_threads"] for p in threadpool_info()}
+    torch.set_num_threads(1)
+    try:
+        apply_threads(2)
+        assert torch.get_num_threads() == 2
+        assert all(os.environ[name] == "2" for name in THREAD_ENV)
+        blas = [p for p in threadpool_info() if p["user_api"] == "blas"]
+        assert blas and all(p["num_threads"] == 2 for p in blas)
+        apply_threads(None)  # None: nothing changes
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="positive integer"):
+            apply_threads(0)
+    finally:
+        from threadpoolctl import threadpool_limits
+
+        torch.set_num_threads(before)
+        threadpool_limits(pools)
+
+
+def test_apply_threads_before_torch_is_imported_sizes_it_at_import(tmp_path):
+    """A command calls apply_threads before its heavy imports: torch must start with that many
+    threads, and apply_threads itself must not import it."""
+    code = ("import sys; from devinterp.cli import apply_threads; apply_threads(1); "
+            "assert 'torch' not in sys.modules; import os, torch; "
+            "print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                             "OPENBLAS_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["1", "1"]
