@@ -19,6 +19,7 @@ import contextlib
 import fnmatch
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,13 +33,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from devinterp import sampling
 from devinterp.diagnostics import ess, split_rhat
+from devinterp.health import TARGET_ACCEPTANCE, TARGET_REL_SE, warnings_for
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 BatchLoss = Callable[[Callable[..., Any], Any], Tensor]
 
 DEFAULT_LOCALIZATION = 1.0
 _STEP_CAP = 0.1  # auto step: ε·(nβ·λ_max(H) + γ) <= this (top-direction bias ~ ε·a/4 = 2.5 %)
-_TARGET_ACCEPT = 0.9
 _DIVERGENCE_FACTOR = 1e4
 
 
@@ -117,16 +118,19 @@ def _summarize(llc_trace: np.ndarray, loss_trace: np.ndarray, baseline: np.ndarr
                extra: dict[str, Any]) -> LLCResult:
     """Build an :class:`LLCResult` from per-chain arrays (also used to merge DDP shards)."""
     ok = ~diverged
+    divergences = list(extra.get("divergences", []))
     if not ok.any():
+        first = f" (first: {_describe_divergence(divergences[0])})" if divergences else ""
         raise AllChainsDivergedError(
-            f"all {len(diverged)} SGLD chains diverged (non-finite or exploding loss) at "
-            f"step_size={settings.get('step_size'):.3g}; pass a smaller step_size (e.g. 10x "
-            "smaller), a larger localization, or check that the model's loss is finite at w*"
+            f"all {len(diverged)} SGLD chains diverged{first} at "
+            f"step_size={settings.get('step_size'):.3g}: the step is too large for this "
+            "posterior; pass a smaller step_size (e.g. 10x smaller) or a larger localization"
         )
     per_chain = np.where(ok, llc_trace.mean(axis=1), np.nan)
     good = llc_trace[ok]
+    k = int(ok.sum())
     llc_mean = float(np.mean(per_chain[ok]))
-    llc_std = float(np.std(per_chain[ok], ddof=1)) if ok.sum() > 1 else 0.0
+    llc_std = float(np.std(per_chain[ok], ddof=1)) if k > 1 else 0.0
     diag: dict[str, Any] = dict(extra)
     diag.update(
         mala_acceptance=float(np.nanmean(accept[ok])) if accept.size else float("nan"),
@@ -135,7 +139,17 @@ def _summarize(llc_trace: np.ndarray, loss_trace: np.ndarray, baseline: np.ndarr
         frac_below_baseline=float(np.mean(good < 0)),
         num_diverged=int(diverged.sum()),
         diverged_chains=[int(i) for i in np.flatnonzero(diverged)],
+        num_ok_chains=k,
+        # Precision of λ̂: the standard error of the mean over independent chains.
+        llc_se=llc_std / math.sqrt(k) if k > 1 else float("nan"),
+        # How often the sampled loss differs from one draw to the next (minus the paired
+        # baseline, so minibatch changes do not count): ~1 when the weights move.
+        frac_distinct_losses=float(np.mean([len(np.unique(c)) / c.size for c in good])),
     )
+    diag["llc_rel_se"] = (diag["llc_se"] / llc_mean if llc_mean > 0 and k > 1
+                          else float("nan"))
+    if divergences:
+        diag["first_divergence"] = _describe_divergence(divergences[0])
     half = good.shape[1] // 2
     if half >= 2:
         # Drift: how far the second half of the draws moved from the first, in units of the
@@ -153,33 +167,22 @@ def _summarize(llc_trace: np.ndarray, loss_trace: np.ndarray, baseline: np.ndarr
     return result
 
 
+def _describe_divergence(d: Mapping[str, Any]) -> str:
+    where = "draw" if d["phase"] == "draw" else "burn-in step"
+    return f"chain {d['chain']} at {where} {d['step']}, loss {d['loss']:.3g}"
+
+
 def _warnings(r: LLCResult) -> list[str]:
-    d, out = r.diagnostics, []
-    n = len(r.llc_per_chain)
-    if d["num_diverged"]:
-        out.append(f"{d['num_diverged']} of {n} chains diverged and were left out of the "
-                   "mean; a smaller step_size avoids this")
-    acc = d["mala_acceptance"]
-    if np.isfinite(acc) and acc < 0.5:
-        out.append(f"MALA acceptance is {acc:.2f} (healthy is ~0.9): the step size is too large "
-                   "and inflates λ̂; use a smaller step_size")
-    if d["frac_below_baseline"] > 0.3 and r.llc_mean < 0:
-        out.append(f"{d['frac_below_baseline']:.0%} of draws have a loss below the loss at w* "
-                   "and λ̂ is negative: w* is probably not a local minimum (train longer, or the "
-                   "sampler keeps optimizing)")
-    rhat = d["rhat"]
-    if np.isfinite(rhat) and rhat > 1.1:
-        out.append(f"split R-hat is {rhat:.2f} (> 1.1): chains disagree or have not mixed; use "
-                   "more draws or burn-in")
-    drift = d.get("drift", 0.0)
-    if drift > 4:
-        out.append(f"the λ̂ trace still drifts up ({drift:+.1f} spreads between halves): the "
-                   "chains are still climbing away from w*; increase num_burnin, or a larger "
-                   "localization keeps them nearer w* (λ̂ then depends on it: report it)")
-    elif drift < -4:
-        out.append(f"the λ̂ trace still drifts down ({drift:+.1f} spreads between halves): "
-                   "increase num_burnin")
-    return out
+    """The plain-words warnings of :data:`devinterp.health.HEALTH_RULES` this result breaks."""
+    values = {**r.settings, **r.diagnostics, "llc_mean": r.llc_mean}
+    rel = values.get("llc_rel_se", float("nan"))
+    if math.isfinite(rel):
+        factor = (rel / TARGET_REL_SE) ** 2
+        values["draws_needed"] = int(math.ceil(factor * r.settings.get("num_draws", 0)))
+        values["chains_needed"] = int(math.ceil(factor * values["num_ok_chains"]))
+    values.setdefault("model_dtype", "the weights' dtype")
+    values.setdefault("first_divergence", "")
+    return warnings_for(values)
 
 
 def merge_results(results: Sequence[LLCResult]) -> LLCResult:
@@ -195,6 +198,7 @@ def merge_results(results: Sequence[LLCResult]) -> LLCResult:
     settings["num_chains"] = int(sum(len(r.llc_per_chain) for r in results))
     extra = {k: v for k, v in results[0].diagnostics.items()
              if k.startswith("calibration") or k in ("hessian_top", "elapsed_s")}
+    extra["divergences"] = [d for r in results for d in r.diagnostics.get("divergences", [])]
     return _summarize(
         np.concatenate([r.llc_trace for r in results]),
         np.concatenate([r.loss_trace for r in results]),
@@ -408,6 +412,7 @@ class _ChainRun:
     accept: np.ndarray  # (chain,) mean MALA acceptance over recorded transitions
     diverged: np.ndarray  # (chain,) bool
     final: dict[str, Tensor]  # last positions (chain, *param)
+    divergences: list[dict[str, Any]]  # per diverged chain: chain, step, phase, loss, cause
 
 
 def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: float,
@@ -439,6 +444,10 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
     G = None
     delta = math.sqrt(localization) if localization > 0 else 1e-8
     ref = None  # L_B(w*) of the first minibatch: the scale of "exploding"
+    prev = None  # each chain's loss at the previous step
+    first_bad = torch.full((C,), -1, dtype=torch.long, device=dev)
+    bad_loss = torch.zeros(C, dtype=torch.float64, device=dev)
+    model_nan = torch.zeros(C, dtype=torch.bool, device=dev)
     # Asking whether a chain diverged (bool(bad.any())) waits for the device at every step; on
     # an accelerator the reset below runs unconditionally instead (same numbers, no wait).
     sync_free = _sync_free(dev)
@@ -458,7 +467,18 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
                             f"the loss at w* is not finite ({base.item()}); estimate λ̂ only "
                             "at a checkpoint whose loss is finite")
                     ref = base.abs() + 1
-            bad = ~torch.isfinite(losses) | ((losses - base).abs() > _DIVERGENCE_FACTOR * ref)
+            finite = torch.isfinite(losses)
+            bad = ~finite | ((losses - base).abs() > _DIVERGENCE_FACTOR * ref)
+            # A loss that turns non-finite straight from an ordinary value (within 100x the
+            # loss scale at w*) was not blown up by the step: the model or the loss itself
+            # returns NaN/inf near these weights (checked further by _raise_model_nan).
+            sane = (torch.ones_like(finite) if prev is None
+                    else torch.isfinite(prev) & ((prev - base).abs() <= 100 * ref))
+            fresh = bad & ~diverged
+            model_nan |= fresh & ~finite & sane
+            first_bad = torch.where(fresh & (first_bad < 0), t, first_bad)
+            bad_loss = torch.where(fresh, losses, bad_loss)
+            prev = losses
             if drawing:
                 loss_rec[:, t - num_burnin] = losses
                 base_rec[t - num_burnin] = base
@@ -482,6 +502,9 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
                                                  dr_new, step_size, G)
                 acc_sum += torch.exp(torch.clamp(torch.nan_to_num(log_a, nan=-1e30), max=0.0))
                 acc_n += 1
+        if (not sync_free or t % 16 == 15 or t == total - 1) and bool(model_nan.any()):
+            _raise_model_nan(model_nan, state.position, anchor_c, chains, first_bad, num_burnin,
+                             base, prev_healthy=~(diverged | bad), exact=not sync_free)
         if sync_free or bool(bad.any()):
             with torch.no_grad():
                 # A diverged chain restarts at w* so it cannot poison later arithmetic; its
@@ -495,8 +518,49 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
             progress.update(C)
     loss_rec[diverged] = float("nan")
     accept = (acc_sum / max(acc_n, 1)).cpu().numpy() if acc_n else np.full(C, np.nan)
+    divergences = [
+        {"chain": int(chains[c]), "phase": "draw" if t >= num_burnin else "burn-in",
+         "step": int(t - num_burnin if t >= num_burnin else t), "loss": float(bad_loss[c])}
+        for c, t in enumerate(first_bad.tolist()) if t >= 0
+    ]
     return _ChainRun(loss_rec.cpu().numpy(), base_rec.cpu().numpy(), accept,
-                     diverged.cpu().numpy(), state.position)
+                     diverged.cpu().numpy(), state.position, divergences)
+
+
+def _raise_model_nan(flags: Tensor, position: dict[str, Tensor], anchor: dict[str, Tensor],
+                     chains: Sequence[int], first_bad: Tensor, num_burnin: int, base: Tensor,
+                     prev_healthy: Tensor, exact: bool) -> None:
+    """Stop at once when the model, not the step, makes the loss non-finite near w*.
+
+    ``exact`` (the loss was just computed at ``position``): confirm that the weights there are
+    finite and not much farther from w* than the healthy chains' (a step that threw a chain far
+    away is the step's fault). Without it (accelerators check every 16 steps, and the chain
+    has been reset since) the loss-based rule alone decides.
+    """
+    confirmed, dist = None, float("nan")
+    sq = sampling.sq_distance(position, anchor).double() if exact else None
+    for c in torch.nonzero(flags).flatten().tolist():
+        if exact:
+            healthy = sq[prev_healthy & torch.isfinite(sq)]
+            finite = all(bool(torch.isfinite(v[c]).all()) for v in position.values())
+            if not finite or (healthy.numel() and float(sq[c]) > 100 * float(healthy.max())
+                              + 1e-12):
+                flags[c] = False  # the step threw it far away: an ordinary divergence
+                continue
+            dist = float(sq[c].sqrt())
+        confirmed = c
+        break
+    if confirmed is None:
+        return
+    c = confirmed
+    t = int(first_bad[c])
+    where = f"draw {t - num_burnin}" if t >= num_burnin else f"burn-in step {t}"
+    raise NonFiniteLossError(
+        f"the loss became non-finite at sampled weights near w* (chain {chains[c]}, {where}, "
+        f"‖w − w*‖ = {dist:.3g}, loss at w* {float(base):.4g}), straight from an ordinary "
+        "value: the model or the loss returns NaN/inf there, which a smaller step size does not "
+        "fix. Find the operation that does (log or sqrt of values <= 0, 0·inf, x/0, pow with a "
+        "negative exponent), or leave those weights out of the sample with weights=[...]")
 
 
 def _sync_free(device: torch.device) -> bool:
@@ -504,29 +568,66 @@ def _sync_free(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+class NonFiniteCurvatureError(RuntimeError):
+    """The automatic step size found no finite curvature of the loss (see the message)."""
+
+
 def _hessian_top(prob: _Problem, params: dict[str, Tensor], batch: Any, iters: int = 6,
-                 seed: int = 0) -> float:
-    """Largest-magnitude Hessian eigenvalue of the minibatch loss at ``params`` (power iteration)."""
+                 seed: int = 0, where: str = "w*") -> tuple[float, str]:
+    """Largest-magnitude Hessian eigenvalue of the minibatch loss at ``params`` (power
+    iteration), and how the Hessian-vector products were computed.
+
+    Exact products (reverse-over-reverse) need second derivatives; where one is missing (a
+    fused attention kernel has no double backward) or is NaN where the first derivative is
+    finite (``w ** 0`` at ``w = 0``), the products fall back to central finite differences
+    of gradients, which need first derivatives only.
+    """
     g = torch.Generator(device=prob.device).manual_seed(seed)
     v = {k: torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
          for k, p in params.items()}
     grad_fn = grad(lambda p: prob.loss(p, batch))
+    scale = math.sqrt(sum(float((p.double() ** 2).sum()) for p in params.values())
+                      / max(1, sum(p.numel() for p in params.values())))
+    radius = 1e-3 * max(1.0, scale)  # ~ sqrt(float32 resolution) relative to the weights
 
-    def hvp(u: dict[str, Tensor]) -> dict[str, Tensor]:
+    def exact(u: dict[str, Tensor]) -> dict[str, Tensor]:
         # Reverse-over-reverse: works for every loss (forward-mode jvp fails on some built-in
         # losses, e.g. nn.MSELoss, with "ZeroTensors are immutable").
         return grad(lambda q: sum((g * u[k]).sum() for k, g in grad_fn(q).items()))(params)
 
-    lam = 0.0
+    def finite_difference(u: dict[str, Tensor]) -> dict[str, Tensor]:
+        plus = grad_fn({k: p + radius * u[k] for k, p in params.items()})
+        minus = grad_fn({k: p - radius * u[k] for k, p in params.items()})
+        return {k: (plus[k] - minus[k]) / (2 * radius) for k in params}
+
+    method = "hvp"
+    lam = float("nan")
     for _ in range(iters):
         norm = torch.sqrt(sum((x * x).sum() for x in v.values()))
-        if not torch.isfinite(norm) or norm == 0:
-            return lam
+        if norm == 0:
+            return 0.0, method
         v = {k: x / norm for k, x in v.items()}
-        hv = hvp(v)
+        hv = None
+        if method == "hvp":
+            try:
+                hv = exact(v)
+            except (RuntimeError, NotImplementedError):
+                hv = None  # no double backward for some op: first derivatives only
+            if hv is None or not all(bool(torch.isfinite(x).all()) for x in hv.values()):
+                method = "finite_difference"
+        if method == "finite_difference":
+            hv = finite_difference(v)
         lam = float(sum((hv[k] * v[k]).sum() for k in v))
+        if not math.isfinite(lam):
+            bad = [k for k, x in hv.items() if not bool(torch.isfinite(x).all())]
+            raise NonFiniteCurvatureError(
+                f"step_size='auto': the loss's curvature at {where} is not finite, even from "
+                f"finite differences of gradients (non-finite in {bad[:5]}); the model or the "
+                "loss produces NaN/inf near those weights: pass step_size=... explicitly, or "
+                "check the model for operations such as log(0), x/0 or pow with a negative "
+                "exponent")
         v = {k: x.detach() for k, x in hv.items()}
-    return abs(lam)
+    return abs(lam), method
 
 
 def _cap(a_max: float, sampler: str) -> float:
@@ -540,7 +641,7 @@ def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, 
     """Choose ε from data alone: curvature cap, then short pilot chains that must not diverge,
     must keep a MALA acceptance near 0.9, and must not find a curvature the cap did not know."""
     batch = next(prob.source.iterate(seed + 1))
-    h0 = _hessian_top(prob, prob.anchor, batch, seed=seed)
+    h0, method = _hessian_top(prob, prob.anchor, batch, seed=seed)
     a_max = nbeta * h0 + localization
     eps = _cap(a_max, sampler)
     rounds = []
@@ -551,8 +652,11 @@ def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, 
                           accept_every=2)
         acc = float(np.nanmean(run.accept)) if np.isfinite(run.accept).any() else 0.0
         diverged = bool(run.diverged.any())
-        h = 0.0 if diverged else _hessian_top(
-            prob, {k: v[0].contiguous() for k, v in run.final.items()}, batch, seed=seed)
+        h = 0.0
+        if not diverged:
+            h, m = _hessian_top(prob, {k: v[0].contiguous() for k, v in run.final.items()},
+                                batch, seed=seed, where="a pilot chain's last draw")
+            method = m if m != "hvp" else method
         rounds.append({"step_size": eps, "acceptance": acc, "diverged": diverged,
                        "hessian_top": h})
         new = eps
@@ -560,15 +664,19 @@ def _calibrate(prob: _Problem, *, seed: int, nbeta: float, localization: float, 
             new = eps / 10
         else:
             new = min(new, _cap(nbeta * h + localization, sampler))
-            if acc < _TARGET_ACCEPT:
+            if acc < TARGET_ACCEPTANCE:
                 # 1 − acceptance grows about linearly in ε (measured on MLPs and deep linear
                 # networks): jump to the target in one round, with a margin.
-                new = min(new, eps * max(0.05, 0.8 * (1 - _TARGET_ACCEPT) / (1 - acc)))
+                new = min(new, eps * max(0.05, 0.8 * (1 - TARGET_ACCEPTANCE) / (1 - acc)))
         if new >= 0.8 * eps:
             break
         eps = new
+    if not (math.isfinite(eps) and eps > 0):
+        raise NonFiniteCurvatureError(
+            f"step_size='auto' found no usable step (ε = {eps}; calibration rounds: {rounds}); "
+            "pass step_size=... explicitly")
     return eps, {"calibration_rounds": len(rounds), "hessian_top": h0, "calibration": rounds,
-                 "calibration_acceptance": rounds[-1]["acceptance"]}
+                 "calibration_acceptance": rounds[-1]["acceptance"], "curvature_method": method}
 
 
 def estimate_llc(
@@ -695,6 +803,9 @@ def estimate_llc(
         model.eval()
         with torch.random.fork_rng(devices=cuda):
             _check_loss(prob, seed)
+            notes: list[str] = []
+            if vectorize and num_chains > 1:
+                vectorize = _vmap_works(prob, seed, notes)
             if isinstance(source, _TensorBatches) and loss_fn is not None and (
                 source.n <= 2 * num_draws * source.batch_size * math.ceil(
                     num_chains / (chain_chunk_size or num_chains))
@@ -736,17 +847,21 @@ def estimate_llc(
         "num_chains": num_chains, "num_draws": num_draws, "num_burnin": burnin,
         "batch_size": getattr(source, "batch_size", batch_size), "sampler": sampler,
         "seed": seed, "num_samples": n, "step_size_auto": step_size == "auto",
+        "vectorize": vectorize,
         "weights": None if weights is None else list(weights),
         "num_sampled_params": sum(p.numel() for p in params.values()),
     }
     extra = dict(calib)
+    extra["divergences"] = [d for r in runs for d in r.divergences]
     extra["calibration_s"] = t_cal if step_size == "auto" else 0.0
     extra["elapsed_s"] = time.perf_counter() - t_start
-    return _summarize(
+    result = _summarize(
         nbeta * (loss - baseline[None, :]), loss, baseline,
         np.concatenate([r.accept for r in runs]),
         np.concatenate([r.diverged for r in runs]), settings, extra,
     )
+    result.warnings[:0] = notes
+    return result
 
 
 def check_weights(weights: Sequence[str]) -> None:
@@ -789,6 +904,42 @@ def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
                          f"{type(model).__name__}; its parameters are: {shown}")
     chosen = {c for n, c in aliases.items() if any(fnmatch.fnmatchcase(n, w) for w in weights)}
     return {n: p for n, p in named.items() if n in chosen}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _vmap_works(prob: _Problem, seed: int, notes: list[str]) -> bool:
+    """Whether ``torch.func.vmap`` can batch the loss's gradient over chains.
+
+    Models with data-dependent control flow, ``.item()``, in-place writes into preallocated
+    tensors or ops without a batching rule cannot be vmapped; their chains then run one at a
+    time (the same numbers, slower), said once in ``notes``. If one chain cannot be
+    differentiated either, the error names the model, both attempts and the fixes.
+    """
+    batch = next(prob.source.iterate(seed))
+    stacked = {k: v.unsqueeze(0).expand(2, *v.shape) for k, v in prob.anchor.items()}
+    try:
+        vmap(grad_and_value(prob.loss), in_dims=(0, None))(stacked, batch)
+        return True
+    except Exception as vmap_error:  # noqa: BLE001 - any failure: try one chain at a time
+        try:
+            grad_and_value(prob.loss)(prob.anchor, batch)
+        except Exception as seq_error:  # noqa: BLE001
+            raise RuntimeError(
+                f"cannot differentiate the loss of {type(prob.model).__name__} with respect to "
+                f"its weights: vectorized over chains ({_first_line(vmap_error)}) nor one chain "
+                f"at a time ({_first_line(seq_error)}); the loss must be a differentiable "
+                "function of the weights (no .detach()/.item() on the path, no optimizer "
+                "step); pass loss_fn= or batch_loss= that computes it") from seq_error
+        message = (f"torch.func.vmap cannot batch {type(prob.model).__name__} over chains "
+                   f"({_first_line(vmap_error)}); its chains ran one at a time (same numbers, "
+                   "slower); pass vectorize=False to skip this check")
+        warnings.warn(message, stacklevel=3)
+        notes.append(message)
+        return False
 
 
 def _check_loss(prob: _Problem, seed: int) -> None:

@@ -87,7 +87,7 @@ def sgld_step(state: SamplerState, drift_: Position, noise: Position, step_size:
 
 
 def _sum_per_chain(t: Tensor, chain_dim: bool) -> Tensor:
-    return t.flatten(1).sum(1) if chain_dim else t.sum()
+    return t.reshape(t.shape[0], -1).sum(1) if chain_dim else t.sum()
 
 
 def mala_log_accept(w: Position, w_new: Position, u: Tensor, u_new: Tensor, drift_: Position,

@@ -242,7 +242,7 @@ def test_paired_baseline_survives_label_noise():
 
 # -- divergence ------------------------------------------------------------------------------
 class Cliff(nn.Module):
-    """Quadratic bowl whose loss is NaN beyond |w| > 1: chains that wander off diverge."""
+    """Quadratic bowl whose loss is NaN beyond |w| > 1: the model itself makes NaN there."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -253,21 +253,48 @@ class Cliff(nn.Module):
         return torch.where(w.abs() > 1.0, torch.full_like(w, float("nan")), w**2)
 
 
+class Quartic(nn.Module):
+    """L(w) = w⁴: an explicit Langevin step with a large ε blows chains that wander far up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0]) ** 4
+
+
 def test_some_chains_diverge_are_dropped_and_reported():
     data = (torch.zeros(100, 1), torch.zeros(100))
-    r = estimate_llc(Cliff(), data, mean_output, num_chains=8, num_draws=50, num_burnin=0,
-                     step_size=0.02, nbeta=1.0, localization=0.0, seed=0, sampler="sgld")
+    r = estimate_llc(Quartic(), data, mean_output, num_chains=8, num_draws=50, num_burnin=0,
+                     step_size=0.35, nbeta=1.0, localization=0.0, seed=0, sampler="sgld")
     nd = r.diagnostics["num_diverged"]
     assert 0 < nd < 8
     assert np.isnan(r.llc_per_chain).sum() == nd
     assert math.isfinite(r.llc_mean) and math.isfinite(r.llc_std)
-    assert any("diverged" in w for w in r.warnings)
+    warning = next(w for w in r.warnings if "diverged" in w)
+    first = r.diagnostics["divergences"][0]
+    # The warning names the first diverged chain, where, and the step as the cause.
+    assert f"chain {first['chain']} at draw {first['step']}" in warning
+    assert "smaller step_size" in warning
+    assert len(r.diagnostics["divergences"]) == nd
+
+
+def test_model_nan_near_w_star_fails_fast_and_blames_the_model():
+    """A loss that turns NaN straight from an ordinary value is the model's doing: the error
+    says so, names the chain and the draw, and comes before the remaining draws run."""
+    data = (torch.zeros(100, 1), torch.zeros(100))
+    with pytest.raises(NonFiniteLossError, match=r"chain \d+, (draw|burn-in step) \d+") as e:
+        estimate_llc(Cliff(), data, mean_output, num_chains=8, num_draws=100_000, num_burnin=0,
+                     step_size=0.02, nbeta=1.0, localization=0.0, seed=0, sampler="sgld")
+    assert "the model or the loss returns NaN" in str(e.value)
+    assert "smaller step size does not fix" in str(e.value)
 
 
 def test_all_chains_diverging_raises_with_advice():
     data = (torch.zeros(100, 1), torch.zeros(100))
     with pytest.raises(AllChainsDivergedError, match="smaller step_size"):
-        estimate_llc(Cliff(), data, mean_output, num_chains=2, num_draws=50, num_burnin=0,
+        estimate_llc(Quartic(), data, mean_output, num_chains=2, num_draws=50, num_burnin=0,
                      step_size=100.0, nbeta=1.0, localization=0.0, sampler="sgld")
 
 
@@ -350,13 +377,15 @@ def test_sync_free_loop_gives_the_same_numbers(monkeypatch):
     import devinterp.llc as llc
 
     data = (torch.zeros(100, 1), torch.zeros(100))
-    kw = dict(num_chains=8, num_draws=50, num_burnin=0, step_size=0.02, nbeta=1.0,
+    kw = dict(num_chains=8, num_draws=50, num_burnin=0, step_size=0.35, nbeta=1.0,
               localization=0.0, seed=0, sampler="sgld")
     model, regression = small_regression()
-    plain = estimate_llc(Cliff(), data, mean_output, **kw)
+    plain = estimate_llc(Quartic(), data, mean_output, **kw)
     plain_mlp = estimate_llc(model, regression, nn.MSELoss(), **FAST)
     monkeypatch.setattr(llc, "_sync_free", lambda device: True)
-    free = estimate_llc(Cliff(), data, mean_output, **kw)
+    with pytest.raises(NonFiniteLossError, match="the model or the loss returns NaN"):
+        estimate_llc(Cliff(), data, mean_output, **{**kw, "step_size": 0.02})
+    free = estimate_llc(Quartic(), data, mean_output, **kw)
     free_mlp = estimate_llc(model, regression, nn.MSELoss(), **FAST)
     assert 0 < free.diagnostics["num_diverged"] == plain.diagnostics["num_diverged"]
     np.testing.assert_array_equal(free.loss_trace, plain.loss_trace)
