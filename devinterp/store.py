@@ -11,26 +11,35 @@ Layout of a run directory::
     traces/           ``step_000000123.npy``: per-chain loss traces, shape (chain, draw)
 
 Every write is atomic (temporary file + ``os.replace``), so a reader never sees a partial file,
-and every table write is a read-modify-write under an exclusive file lock, so several processes
-(post-hoc workers, a dashboard reader) can share one run directory. Rows are keyed by ``step``:
-writing a step again replaces its row (idempotent), it never duplicates it.
+and every table write is a read-modify-write under an exclusive file lock (``filelock``: POSIX and
+Windows), so several processes (post-hoc workers, a dashboard reader) can share one run
+directory. Rows are keyed by ``step``: writing a step again replaces its row (idempotent), it
+never duplicates it.
+
+Every λ̂ row records what it was estimated from: ``settings_id``, a short hash of the sampler
+settings that change λ̂ (:func:`settings_id`), and ``snapshot_sha256``, the digest of the
+weights file. :func:`load_run` flags rows whose settings differ from the run's
+(``settings_mismatch``, :attr:`Run.mixed_settings`), and ``devinterp estimate`` re-estimates a
+row whose snapshot was rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
+import inspect
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
 LLC_FILE = "llc.csv"
 METRICS_FILE = "metrics.csv"
@@ -40,6 +49,54 @@ STAGES_FILE = "stages.json"
 SNAPSHOT_DIR = "snapshots"
 TRACE_DIR = "traces"
 _LOCK_FILE = ".lock"
+
+#: Estimator options that change λ̂, hashed into each row's ``settings_id``
+#: (``chain_chunk_size`` and ``vectorize`` give the same numbers and are left out).
+SETTINGS_ID_KEYS = ("num_chains", "num_draws", "num_burnin", "batch_size", "step_size",
+                    "localization", "nbeta", "sampler", "seed", "num_samples", "weights")
+
+
+class MixedSettingsError(ValueError):
+    """A λ̂ row would join a table whose other rows were estimated with other settings."""
+
+
+def settings_id(settings: Mapping[str, Any]) -> str:
+    """A 12-hex-digit hash of the sampler settings in ``settings`` that change λ̂.
+
+    ``settings`` holds options as requested (``settings.json``, or the options of a command);
+    a missing or ``None`` option counts as the estimator's default, so ``num_draws=400`` and the
+    default hash alike. ``step_size="auto"`` hashes as ``"auto"``: the step it picks may differ
+    between checkpoints, the procedure does not.
+    """
+    from devinterp.llc import DEFAULT_LOCALIZATION, estimate_llc
+
+    defaults = inspect.signature(estimate_llc).parameters
+    resolved: dict[str, Any] = {}
+    for k in SETTINGS_ID_KEYS:
+        v = settings.get(k)
+        if v is None and k in defaults:
+            v = defaults[k].default
+        resolved[k] = v
+    if resolved["num_burnin"] is None and isinstance(resolved["num_draws"], int):
+        resolved["num_burnin"] = resolved["num_draws"] // 2
+    if resolved["localization"] is None:
+        resolved["localization"] = DEFAULT_LOCALIZATION
+    for k in ("step_size", "localization", "nbeta"):
+        if isinstance(resolved[k], (int, float)) and not isinstance(resolved[k], bool):
+            resolved[k] = float(resolved[k])
+    if resolved["weights"] is not None:
+        resolved["weights"] = list(resolved["weights"])
+    text = json.dumps(resolved, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -96,10 +153,21 @@ class RunStore:
         path: the run directory.
         create: create the directory if missing. Raises ``PermissionError`` naming the path when
             it cannot be written, so a run fails before training rather than after hours.
+
+    Attributes (how :meth:`write_llc_row` stamps rows; a command that estimates sets them):
+        row_settings: the requested sampler settings of the rows being written, hashed into
+            ``settings_id``. Default (None): ``settings.json``'s.
+        row_sources: weight file by step, digested into ``snapshot_sha256`` (default: the
+            step's snapshot in this directory, when there is one).
+        row_guard: called as ``row_guard(table, row)`` under the lock before a row is written,
+            with the table as it is on disk; it raises to refuse the row.
     """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = False) -> None:
         self.path = Path(path)
+        self.row_settings: Mapping[str, Any] | None = None
+        self.row_sources: dict[int, Path] = {}
+        self.row_guard: Callable[[pd.DataFrame, dict[str, Any]], None] | None = None
         if create:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
@@ -118,13 +186,10 @@ class RunStore:
     # -- locking -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive lock over the run directory's tables (across processes)."""
-        with open(self.path / _LOCK_FILE, "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        """Exclusive lock over the run directory's tables (across processes and threads: a
+        new lock object, hence a new file handle, per call)."""
+        with FileLock(str(self.path / _LOCK_FILE)).acquire(poll_interval=0.005):
+            yield
 
     # -- JSON documents ------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:
@@ -172,20 +237,37 @@ class RunStore:
         for r in rows:
             if "step" not in r:
                 raise ValueError("every row needs a 'step' key")
-        new = pd.DataFrame([dict(r) for r in rows])
-        new["step"] = new["step"].astype("int64")
-        new = new.drop_duplicates("step", keep="last")
         with self.lock():
-            old = self.read_table(name)
-            if len(old):
-                old = old[~old["step"].isin(new["step"])]
-                new = pd.concat([old, new], ignore_index=True) if len(old) else new
-            new = new.sort_values("step", kind="stable").reset_index(drop=True)
-            _atomic_write_bytes(self.path / name, new.to_csv(index=False).encode())
+            self._write_table(name, _upserted(self.read_table(name), rows))
 
-    def write_llc_row(self, row: Mapping[str, Any]) -> None:
-        """Insert or replace the λ̂ row of ``row["step"]``."""
-        self.upsert_rows(LLC_FILE, [row])
+    def _write_table(self, name: str, table: pd.DataFrame) -> None:
+        _atomic_write_bytes(self.path / name, table.to_csv(index=False).encode())
+
+    def write_llc_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """Insert or replace the λ̂ row of ``row["step"]``, stamped with ``settings_id`` and
+        ``snapshot_sha256`` (see the class attributes) unless it has them; returns the row
+        written. ``row_guard`` may refuse it (e.g. :class:`MixedSettingsError`)."""
+        row = dict(row)
+        if "step" not in row:
+            raise ValueError("every row needs a 'step' key")
+        step = int(row["step"])
+        if "settings_id" not in row:
+            settings = self.row_settings
+            if settings is None:
+                stored = self.read_json(SETTINGS_FILE)
+                settings = stored if isinstance(stored, Mapping) else None
+            if settings is not None:
+                row["settings_id"] = settings_id(settings)
+        if "snapshot_sha256" not in row:
+            source = self.row_sources.get(step, self.snapshot_path(step))
+            if source.is_file():
+                row["snapshot_sha256"] = file_sha256(source)
+        with self.lock():
+            table = self.read_table(LLC_FILE)
+            if self.row_guard is not None:
+                self.row_guard(table, row)
+            self._write_table(LLC_FILE, _upserted(table, [row]))
+        return row
 
     def write_metrics(self, rows: list[Mapping[str, Any]]) -> None:
         """Insert or replace training-metric rows (merging columns of an existing step)."""
@@ -202,10 +284,11 @@ class RunStore:
                 cur.update({k: v for k, v in r.items() if v is not None})
             df = pd.DataFrame(sorted(merged.values(), key=lambda r: r["step"]))
             df["step"] = df["step"].astype("int64")
-            _atomic_write_bytes(self.path / METRICS_FILE, df.to_csv(index=False).encode())
+            self._write_table(METRICS_FILE, df)
 
     # -- snapshots and traces ------------------------------------------------------------------
     def snapshot_path(self, step: int) -> Path:
+        """Where the weight snapshot of ``step`` is (or would be) saved."""
         return self.path / SNAPSHOT_DIR / f"{snapshot_name(step)}.pt"
 
     def save_snapshot(self, step: int, state_dict: Mapping[str, Any]) -> Path:
@@ -249,10 +332,22 @@ class RunStore:
         return np.load(p, allow_pickle=False) if p.exists() else None
 
     def trace_steps(self) -> list[int]:
+        """Steps whose loss traces are saved."""
         d = self.path / TRACE_DIR
         if not d.is_dir():
             return []
         return sorted(int(p.stem.split("_", 1)[1]) for p in d.glob("step_*.npy"))
+
+
+def _upserted(old: pd.DataFrame, rows: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """``old`` with ``rows`` inserted or replacing the rows of their steps, sorted by step."""
+    new = pd.DataFrame([dict(r) for r in rows])
+    new["step"] = new["step"].astype("int64")
+    new = new.drop_duplicates("step", keep="last")
+    if len(old):
+        old = old[~old["step"].isin(new["step"])]
+        new = pd.concat([old, new], ignore_index=True) if len(old) else new
+    return new.sort_values("step", kind="stable").reset_index(drop=True)
 
 
 @dataclass
@@ -261,7 +356,10 @@ class Run:
 
     Attributes:
         path: the run directory.
-        llc: λ̂ table, one row per step, columns ``step, llc_mean, llc_std, ...``.
+        llc: λ̂ table, one row per step, columns ``step, llc_mean, llc_std, ..., status,
+            reason`` (present even before the first estimate), and ``settings_mismatch``: True
+            where the row's ``settings_id`` differs from the run's settings (``settings.json``,
+            else the last row's).
         metrics: logged training / validation metrics, one row per step.
         settings: sampler settings (``settings.json``).
         meta: what rebuilds the run (``run.json``).
@@ -278,7 +376,15 @@ class Run:
     snapshots: dict = field(default_factory=dict)
 
     @property
+    def mixed_settings(self) -> bool:
+        """True when the λ̂ rows were not all estimated with the same sampler settings."""
+        if "settings_id" not in self.llc.columns:
+            return False
+        return self.llc["settings_id"].dropna().nunique() > 1
+
+    @property
     def name(self) -> str:
+        """The run's name (``run.json``'s, else the directory's)."""
         return str(self.meta.get("name") or self.path.name)
 
     def trace(self, step: int) -> np.ndarray | None:
@@ -295,9 +401,12 @@ def load_run(path: str | os.PathLike) -> Run:
     """Read a run directory written by :class:`devinterp.LLCCallback` or ``devinterp run``."""
     store = RunStore(path)
     llc = store.read_table(LLC_FILE)
-    for col in ("llc_mean", "llc_std"):
+    for col, dtype in (("llc_mean", "float64"), ("llc_std", "float64"), ("status", "object"),
+                       ("reason", "object")):
         if col not in llc.columns:
-            llc[col] = pd.Series(dtype="float64")
+            llc[col] = pd.Series([None] * len(llc), dtype=dtype)
+    settings = store.read_json(SETTINGS_FILE, {}) or {}
+    llc["settings_mismatch"] = _settings_mismatch(llc, settings)
     stages = store.read_json(STAGES_FILE, [])
     if isinstance(stages, Mapping):
         stages = stages.get("stages", [])
@@ -305,8 +414,25 @@ def load_run(path: str | os.PathLike) -> Run:
         path=store.path,
         llc=llc,
         metrics=store.read_table(METRICS_FILE),
-        settings=store.read_json(SETTINGS_FILE, {}) or {},
+        settings=settings if isinstance(settings, dict) else {},
         meta=store.read_json(RUN_FILE, {}) or {},
         stages=list(stages),
         snapshots=store.snapshots(),
     )
+
+
+def _settings_mismatch(llc: pd.DataFrame, settings: Any) -> pd.Series:
+    """Per row: was it estimated with other settings than the run's? The run's are
+    ``settings.json``'s, else those of the row of the last step; rows without a
+    ``settings_id`` (tables written before rows carried one) are not flagged."""
+    if "settings_id" not in llc.columns or not len(llc):
+        return pd.Series([False] * len(llc), dtype=bool, index=llc.index)
+    ids = llc["settings_id"]
+    known = ids.notna()
+    if isinstance(settings, Mapping) and settings:
+        reference = settings_id(settings)
+    elif known.any():
+        reference = ids[known].iloc[-1]
+    else:
+        reference = None
+    return (known & (ids != reference)).astype(bool)

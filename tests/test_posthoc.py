@@ -19,6 +19,7 @@ from llc_models import FAST, Tiny, trainer
 from devinterp import LLCCallback, load_run
 from devinterp.cli import main as cli_main
 from devinterp.posthoc import estimate_run, main
+from devinterp.store import file_sha256
 
 TESTS = Path(__file__).parent
 FAST_FLAGS = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "5", "--step-size",
@@ -91,18 +92,36 @@ def test_out_puts_a_refined_curve_in_its_own_run_directory(tmp_path, capsys):
     assert "would mix two curves" in capsys.readouterr().err
 
 
-def test_checkpoint_directory_gives_the_inline_values(tmp_path):
+def llc_dir(ckpts: Path) -> Path:
+    """Where `devinterp estimate CKPT_DIR` writes its run store: the sibling CKPT_DIR-llc."""
+    return ckpts.parent / f"{ckpts.name}-llc"
+
+
+def test_checkpoint_directory_gives_the_inline_values(tmp_path, capsys):
     """A run that only has ModelCheckpoint files: the module class is given on the command
-    line, hyperparameters come from the checkpoints, data and loss from the module."""
+    line, hyperparameters come from the checkpoints, data and loss from the module. The λ̂ run
+    store goes to a sibling directory (said on stderr); the checkpoint folder is not touched."""
     ckpts = tmp_path / "ckpts"
     fit(tmp_path, [ModelCheckpoint(ckpts, every_n_train_steps=4, save_top_k=-1, save_last=True)],
         enable_checkpointing=True)
+    before = {p: p.read_bytes() for p in ckpts.rglob("*")}
     inline = llc_run(tmp_path, "inline", "inline", include_init=False)
+    capsys.readouterr()
     assert main([str(ckpts), "--module", "llc_models:Tiny", *FAST_FLAGS]) == 0
-    got, want = load_run(ckpts).llc, load_run(inline).llc
+    assert f"writing λ̂ to the run directory {llc_dir(ckpts)}" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in ckpts.rglob("*")} == before
+    got, want = load_run(llc_dir(ckpts)).llc, load_run(inline).llc
     assert got["step"].tolist() == [4, 8]  # last.ckpt is step 8 again: estimated once
-    pd.testing.assert_frame_equal(got, want)
-    assert load_run(ckpts).settings["num_chains"] == 2
+    # The same λ̂ rows; each row's digest is of the checkpoint file it was estimated from.
+    digest = "snapshot_sha256"
+    pd.testing.assert_frame_equal(got.drop(columns=digest), want.drop(columns=digest))
+    by_step = {4: sorted(ckpts.glob("*step=4*")), 8: sorted(ckpts.glob("*step=8*"))}
+    assert got[digest].tolist() == [file_sha256(by_step[s][0]) for s in (4, 8)]
+    assert load_run(llc_dir(ckpts)).settings["num_chains"] == 2
+    # Asked for explicitly, the checkpoint folder itself holds the table.
+    assert main([str(ckpts), "--module", "llc_models:Tiny", "--out", str(ckpts),
+                 *FAST_FLAGS]) == 0
+    assert load_run(ckpts).llc["step"].tolist() == [4, 8]
 
 
 def test_lightning_cli_bookkeeping_in_hyperparameters_is_ignored(tmp_path):
@@ -114,7 +133,7 @@ def test_lightning_cli_bookkeeping_in_hyperparameters_is_ignored(tmp_path):
     ckpt["hyper_parameters"].update(_class_path="llc_models.Tiny", _instantiator="x.y")
     torch.save(ckpt, path)
     assert main([str(ckpts), "--module", "llc_models:Tiny", *FAST_FLAGS]) == 0
-    assert load_run(ckpts).llc["status"].tolist() == ["ok"]
+    assert load_run(llc_dir(ckpts)).llc["status"].tolist() == ["ok"]
 
 
 def test_checkpoint_of_a_run_with_the_callback_names_its_module(tmp_path):
@@ -133,7 +152,7 @@ def test_data_and_loss_given_by_import_path(tmp_path):
     assert main([str(ckpts), "--module", "llc_models:Tiny", "--data",
                  "llc_models:regression_data", "--loss", "torch.nn.functional:mse_loss",
                  *FAST_FLAGS]) == 0
-    row = load_run(ckpts).llc.iloc[0]
+    row = load_run(llc_dir(ckpts)).llc.iloc[0]
     assert row["step"] == 8 and row["status"] == "ok"
     assert row["nbeta"] == pytest.approx(64 / np.log(64))
 
@@ -218,7 +237,11 @@ def test_module_defined_in_a_training_script(tmp_path):
                    env={**os.environ, "PYTHONPATH": str(TESTS)})
     meta = load_run(tmp_path / "run").meta
     assert meta["module"] == "__main__:ScriptModel" and meta["module_file"] == str(script)
-    report = estimate_run(tmp_path / "run", progress=False, **FAST)
+    # A recorded script is never imported on the run directory's word; the error says how.
+    with pytest.raises(ValueError, match=f"pass --module {script}:ScriptModel"):
+        estimate_run(tmp_path / "run", progress=False, **FAST)
+    report = estimate_run(tmp_path / "run", module=f"{script}:ScriptModel", progress=False,
+                          **FAST)
     assert report.estimated == [0, 4, 8]
     assert (tmp_path / "trained.txt").read_text() == "trained\n"
 
