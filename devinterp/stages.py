@@ -11,7 +11,9 @@ Every detector works in ``x = log10(step + 1)`` (decades; step 0 is x = 0) in tw
 
 1. fit a curve with its uncertainty to the checkpoints (a :class:`Profile` on a grid in x),
    weighting checkpoints by the per-checkpoint spread ``llc_std`` and estimating the overall
-   noise scale from the data;
+   noise scale from the data; a curve of more than ``max_points`` (1,000) checkpoints is first
+   averaged in bins of equal width in x, so memory and time stay bounded (100,000 rows:
+   ``tools/bench_stages_memory.py``);
 2. read the milestones off the fitted curve (:func:`_milestones`): the turning points where λ̂
    goes from rising to falling or back, simplified as in topological persistence, then, inside
    each monotone run, the local minima of ``|slope|``, kept only while every stage changes λ̂ by
@@ -66,6 +68,7 @@ DEFAULT_METHOD = "critical"
 RANGE_DRAWS = 200
 DIP_Z = 1.645
 _GP_FIT_POINTS = 400
+MAX_POINTS = 1000  # default cap on the points a detector fits (longer curves are binned)
 _LOSS_WINDOW = 0.01  # decades: metrics rows this close to a checkpoint give its loss (median)
 
 
@@ -114,17 +117,76 @@ def relative_sd(llc_std: Any, n: int, *, window: int = 7) -> np.ndarray:
 
 
 def _standard_errors(llc_std: Any, num_chains: Any, n: int) -> np.ndarray | None:
-    """``llc_std / sqrt(num_chains)`` per checkpoint (the median where unknown), or None when
-    either is missing altogether."""
-    if llc_std is None or num_chains is None:
+    """The standard error of each checkpoint's λ̂: ``llc_std / sqrt(num_chains)``, or
+    ``llc_std`` itself when the number of chains is unknown (the error of a one-chain estimate:
+    an upper bound, so a curve without a ``num_chains`` column never gets stages that are
+    smaller than its error bars). The median where one is unknown; None without ``llc_std``."""
+    if llc_std is None:
         return None
     std = np.asarray(llc_std, dtype=float)
-    chains = np.broadcast_to(np.asarray(num_chains, dtype=float), (n,))
+    if std.shape != (n,):
+        std = np.broadcast_to(std, (n,)).astype(float)
+    chains = np.ones(n) if num_chains is None else np.broadcast_to(
+        np.asarray(num_chains, dtype=float), (n,))
     se = std / np.sqrt(chains)
     se[~np.isfinite(se) | (se <= 0)] = np.nan
     if np.isnan(se).all():
         return None
     return np.where(np.isnan(se), np.nanmedian(se), se)
+
+
+@dataclass
+class _Points:
+    """The points a detector fits: checkpoints, or bins of them on long curves.
+
+    Attributes:
+        steps: a real checkpoint step per point (milestones snap to these), increasing.
+        x: ``log10(step + 1)`` of the point (the weighted mean of its checkpoints').
+        y: λ̂ (the inverse-variance weighted mean of its checkpoints').
+        rel_sd: relative noise of ``y`` (of the mean, for a bin).
+        standard_errors: a single estimate's standard error there (not the bin mean's: the
+            ``min_change_se`` floor is in units of one estimate), or None.
+        loss: the loss (mean over the bin), or None.
+    """
+
+    steps: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    rel_sd: np.ndarray
+    standard_errors: np.ndarray | None
+    loss: np.ndarray | None
+
+
+def _bin_points(p: _Points, max_points: int) -> _Points:
+    """At most ``max_points`` points: the first and last checkpoint as they are, the others in
+    ``max_points - 2`` bins of equal width in log-step (memory and time stay bounded however
+    many checkpoints there are: the GP is O(points²) in memory).
+
+    λ̂ is smooth in log-step, and equal-width bins are narrowest where checkpoints are sparse:
+    early checkpoints keep a bin each, the dense late ones are averaged (a bin of k
+    checkpoints has 1/sqrt(k) of their noise, which its ``rel_sd`` says). Each bin is placed
+    at the inverse-variance weighted mean of its checkpoints and represented, for snapping, by
+    the checkpoint nearest to that.
+    """
+    n, nb = len(p.x), max_points - 2
+    span = p.x[-1] - p.x[0]
+    inner = np.clip(np.floor((p.x[1:-1] - p.x[0]) / span * nb), 0, nb - 1)
+    labels = np.r_[-1.0, inner, float(nb)]
+    starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+    ends = np.r_[starts[1:], n]
+    counts = ends - starts
+    w = p.rel_sd ** -2.0
+    sw = np.add.reduceat(w, starts)
+    x = np.add.reduceat(w * p.x, starts) / sw
+    y = np.add.reduceat(w * p.y, starts) / sw
+    # The checkpoint nearest to each bin's x, inside the bin (x is sorted within it).
+    right = np.clip(np.searchsorted(p.x, x), starts, ends - 1)
+    left = np.clip(right - 1, starts, ends - 1)
+    rep = np.where(np.abs(p.x[left] - x) <= np.abs(p.x[right] - x), left, right)
+    se = None if p.standard_errors is None else np.sqrt(
+        np.add.reduceat(p.standard_errors ** 2, starts) / counts)
+    loss = None if p.loss is None else np.add.reduceat(p.loss, starts) / counts
+    return _Points(p.steps[rep], x, y, 1.0 / np.sqrt(sw), se, loss)
 
 
 # -- the fitted curve and milestone extraction --------------------------------------------------
@@ -321,7 +383,7 @@ class _Detector(abc.ABC):
 
     def __init__(self, *, min_stage_length: float, min_change: float, plateau_ratio: float,
                  significance: float, grid_size: int, min_stage_checkpoints: int,
-                 min_change_se: float) -> None:
+                 min_change_se: float, max_points: int | None) -> None:
         if not min_stage_length >= 0:
             raise ValueError(f"min_stage_length must be >= 0 decades of log-step, got "
                              f"{min_stage_length}")
@@ -339,6 +401,9 @@ class _Detector(abc.ABC):
         if not isinstance(min_stage_checkpoints, int) or min_stage_checkpoints < 2:
             raise ValueError(f"min_stage_checkpoints must be an integer >= 2 (a stage's two "
                              f"ends), got {min_stage_checkpoints!r}")
+        if max_points is not None and (not isinstance(max_points, int) or max_points < 10):
+            raise ValueError(f"max_points must be an integer >= 10 or None (no binning), got "
+                             f"{max_points!r}")
         self.min_stage_length = float(min_stage_length)
         self.min_change = float(min_change)
         self.plateau_ratio = float(plateau_ratio)
@@ -346,6 +411,7 @@ class _Detector(abc.ABC):
         self.grid_size = int(grid_size)
         self.min_stage_checkpoints = min_stage_checkpoints
         self.min_change_se = float(min_change_se)
+        self.max_points = max_points
 
     @property
     def params(self) -> dict[str, Any]:
@@ -360,9 +426,11 @@ class _Detector(abc.ABC):
             loss: Any = None) -> _Detector:
         """Fit the curve. ``steps`` increasing non-negative integers; ``llc_mean`` finite.
         ``llc_std`` and ``num_chains`` (a number or one per checkpoint) give each estimate's
-        standard error ``llc_std / sqrt(num_chains)``; without ``num_chains`` only the relative
-        sizes of ``llc_std`` are used. ``loss`` at the same steps is used by detectors that
-        segment λ̂ and loss jointly."""
+        standard error ``llc_std / sqrt(num_chains)``; without ``num_chains`` the standard
+        error is taken to be ``llc_std`` itself (the conservative bound). ``loss`` at the same
+        steps is used by detectors that segment λ̂ and loss jointly. Curves of more than
+        ``max_points`` checkpoints are binned in log-step first (``points_``: what was fitted).
+        """
         steps = np.asarray(steps, dtype=np.int64)
         y = np.asarray(llc_mean, dtype=float)
         if steps.ndim != 1 or steps.shape != y.shape:
@@ -374,17 +442,22 @@ class _Detector(abc.ABC):
             raise ValueError("steps must be non-negative and strictly increasing")
         if not np.all(np.isfinite(y)):
             raise ValueError("llc_mean has non-finite values; drop those rows first")
-        x = log_step(steps)
-        rel = relative_sd(llc_std, len(y))
-        self.steps_ = steps
-        self.x_ = x
-        self.noise_ = estimate_noise(x, y, rel)
-        self.standard_errors_ = _standard_errors(llc_std, num_chains, len(y))
-        self.loss_ = None if loss is None else np.asarray(loss, dtype=float)
+        pts = _Points(steps, log_step(steps), y, relative_sd(llc_std, len(y)),
+                      _standard_errors(llc_std, num_chains, len(y)),
+                      None if loss is None else np.asarray(loss, dtype=float))
+        if self.max_points is not None and len(y) > self.max_points:
+            pts = _bin_points(pts, self.max_points)
+        self.points_ = pts
+        self.steps_ = pts.steps
+        self.x_ = pts.x
+        self.noise_ = estimate_noise(pts.x, pts.y, pts.rel_sd)
+        self.standard_errors_ = pts.standard_errors
+        self.loss_ = pts.loss
         # The matrices are at most a few hundred wide: BLAS threads cannot speed them up, and
         # on a busy machine their spin-waiting makes each factorisation hundreds of times slower.
         with threadpool_limits(1, user_api="blas"):
-            self.profile_ = _flat_profile(x, y) if np.ptp(y) == 0 else self._profile(x, y, rel)
+            self.profile_ = (_flat_profile(pts.x, pts.y) if np.ptp(pts.y) == 0
+                             else self._profile(pts.x, pts.y, pts.rel_sd))
         return self
 
     def predict(self) -> list[int]:
@@ -459,22 +532,27 @@ class CriticalPoints(_Detector):
             both sides.)
         min_change_se: a stage must also change λ̂ by this many standard errors of a single
             estimate (``llc_std / sqrt(num_chains)``, the median over the stage's checkpoints;
-            used when the number of chains is known, as in a run directory). The fit's own
+            ``llc_std`` itself when the number of chains is unknown, e.g. a CSV with the columns
+            step, llc_mean, llc_std; not used without ``llc_std``). The fit's own
             standard error comes from how smooth the curve is, and curves estimated with the
             same seed at every checkpoint are smoother than their error bars, so without this a
             drift of a fraction of one error bar along a plateau can count as a stage.
         lengthscale: fix the GP lengthscale (decades) instead of fitting it.
         grid_size: points of the uniform grid in log-step (checkpoints are added).
+        max_points: longer curves are first binned to this many points, equally wide in
+            log-step (the first and last checkpoint kept as they are), which bounds memory and
+            time (the GP's are quadratic and cubic in the points); None fits every checkpoint.
     """
 
     def __init__(self, *, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
                  min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
-                 lengthscale: float | None = None, grid_size: int = 600) -> None:
+                 lengthscale: float | None = None, grid_size: int = 600,
+                 max_points: int | None = MAX_POINTS) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
                          grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints,
-                         min_change_se=min_change_se)
+                         min_change_se=min_change_se, max_points=max_points)
         if lengthscale is not None and not lengthscale > 0:
             raise ValueError(f"lengthscale must be > 0 decades, got {lengthscale}")
         self.lengthscale = lengthscale
@@ -632,18 +710,18 @@ class ChangePoints(_Detector):
         min_size: fewest checkpoints per segment (at least 3: a line and one degree of freedom).
         joint: segment λ̂ and the loss together (the loss must be known at every checkpoint).
         min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
-            min_change_se, grid_size: as in :class:`CriticalPoints`.
+            min_change_se, grid_size, max_points: as in :class:`CriticalPoints`.
     """
 
     def __init__(self, *, algorithm: str = "pelt", pen: float | None = None, min_size: int = 3,
                  joint: bool = False, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
                  min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
-                 grid_size: int = 600) -> None:
+                 grid_size: int = 600, max_points: int | None = MAX_POINTS) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
                          grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints,
-                         min_change_se=min_change_se)
+                         min_change_se=min_change_se, max_points=max_points)
         if algorithm not in ("pelt", "binseg"):
             raise ValueError(f"algorithm must be 'pelt' or 'binseg', got {algorithm!r}")
         if pen is not None and not pen > 0:
@@ -981,7 +1059,7 @@ _DETECTOR_FLAGS = (
      "slope of the stages beside it"),
     ("significance", float, "Z", "standard errors of the fit a stage must change λ̂ by"),
     ("min_change_se", float, "K", "standard errors of one estimate (llc_std / "
-     "sqrt(num_chains)) a stage must change λ̂ by"),
+     "sqrt(num_chains); llc_std without a num_chains column) a stage must change λ̂ by"),
     ("min_stage_checkpoints", int, "N", "fewest checkpoints the first and last stage span, "
      "ends included"),
 )

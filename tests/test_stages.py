@@ -11,8 +11,12 @@ import pytest
 import ruptures as rpt
 
 from devinterp.stages import (
+    MAX_POINTS,
     ChangePoints,
     CriticalPoints,
+    _bin_points,
+    _detect,
+    _Points,
     _WeightedLinearCost,
     detect_stages,
     estimate_noise,
@@ -138,10 +142,12 @@ QUICKSTART = pd.DataFrame({
 
 def test_no_last_stage_on_one_interval() -> None:
     """The last interval alone (2276 -> 3000) is no stage: the smoothed slope is least
-    constrained at the end of the curve; with min_stage_checkpoints=2 it used to be one."""
-    ends = [s["end_step"] for s in detect_stages(QUICKSTART)]
+    constrained at the end of the curve; with min_stage_checkpoints=2 it used to be one.
+    (min_change_se=0: the rule on its own, without the error-bar floor.)"""
+    ends = [s["end_step"] for s in detect_stages(QUICKSTART, min_change_se=0)]
     assert ends == [109, 434, 3000]
-    loose = [s["end_step"] for s in detect_stages(QUICKSTART, min_stage_checkpoints=2)]
+    loose = [s["end_step"] for s in detect_stages(QUICKSTART, min_stage_checkpoints=2,
+                                                  min_change_se=0)]
     assert loose[-2:] == [2276, 3000]
     with pytest.raises(ValueError, match="min_stage_checkpoints must be an integer >= 2"):
         detect_stages(QUICKSTART, min_stage_checkpoints=1)
@@ -157,8 +163,83 @@ def test_a_drift_within_one_standard_error_is_no_stage() -> None:
     ends = [s["end_step"] for s in detect_stages(QUICKSTART.assign(num_chains=4),
                                                  min_change_se=0)]
     assert ends == [109, 434, 3000]
+    # README's columns only (step, llc_mean, llc_std): llc_std itself is the error bar, and
+    # the drift of -0.2 against llc_std ≈ 1.9 is no stage either.
+    assert [s["end_step"] for s in detect_stages(QUICKSTART)] == [109, 3000]
     with pytest.raises(ValueError, match="min_change_se must be >= 0"):
         detect_stages(QUICKSTART, min_change_se=-1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fall_within_llc_std_is_no_stage_without_num_chains(seed: int) -> None:
+    """Planted: a rise of 10, then a fall of 0.3 on a curve that is smoother than its error
+    bars (llc_std ≈ 0.5, the noise on llc_mean ≈ 0.03: what estimates with one seed at every
+    checkpoint look like). With the README's columns alone the fall is under one llc_std: no
+    stage, though the GP alone finds it. A fall of three llc_std is found."""
+    def curve(fall: float) -> pd.DataFrame:
+        ts = [Transition(300, 10.0, 0.08), Transition(3_000, -fall, 0.08)]
+        c, truth, types = planted_llc_curve(ts, noise=0.002, seed=seed)
+        assert types == ["A", "B"]
+        return c.drop(columns=["num_chains"]).assign(llc_std=7 * c["llc_std"]), truth
+
+    small, _ = curve(0.3)
+    assert 0.3 < small["llc_std"].median() < 0.6
+    assert [s["type"] for s in detect_stages(small, min_change_se=0)] == ["A", "B"]
+    assert [s["type"] for s in detect_stages(small)] == ["A"]
+    large, truth = curve(1.5)
+    assert_recovered(detect_stages(large), truth, ["A", "B"])
+
+
+# -- long curves: binned in log-step, bounded memory ---------------------------------------------
+def test_bin_points_keeps_the_ends_and_averages_with_the_right_noise() -> None:
+    steps = np.arange(0, 10_001)
+    x = log_step(steps)
+    y = np.where(steps < 5_000, 1.0, 3.0)
+    rel = np.ones(len(steps))
+    pts = _bin_points(_Points(steps, x, y, rel, np.full(len(steps), 0.5), None), 50)
+    assert len(pts.x) <= 50
+    assert pts.steps[0] == 0 and pts.steps[-1] == 10_000  # the ends, exactly
+    assert np.all(np.diff(pts.steps) > 0) and np.all(np.isin(pts.steps, steps))
+    assert np.all(np.diff(pts.x) > 0)
+    # Bins wholly on one side of the jump average to its level; a bin of k points has 1/sqrt(k)
+    # of a point's noise, and a single estimate's standard error is kept as it is.
+    width = (x[-1] - x[0]) / 48
+    counts = np.histogram(x[1:-1], bins=np.linspace(x[0], x[-1], 49))[0]
+    counts = np.r_[1, counts[counts > 0], 1]
+    assert np.allclose(pts.rel_sd, 1 / np.sqrt(counts))
+    assert np.allclose(pts.standard_errors, 0.5)
+    pure = np.abs(pts.x - x[5_000]) > width
+    assert set(np.round(pts.y[pure], 12)) == {1.0, 3.0}
+    # Each point sits at its bin's mean log-step, represented by the checkpoint nearest to it.
+    assert np.all(np.abs(log_step(pts.steps) - pts.x) <= width / 2 + 1e-12)
+
+
+def test_a_long_curve_binned_gives_the_stages_of_the_full_curve() -> None:
+    steps = np.unique(np.r_[np.round(np.geomspace(1, 50_000, 200)),
+                            np.arange(0, 50_001, 50)]).astype(np.int64)
+    curve, truth, types = planted_llc_curve(language_model_transitions(), steps=steps,
+                                            noise=0.003, seed=0)
+    assert len(curve) > 1_000
+    binned, full = CriticalPoints(max_points=300), CriticalPoints(max_points=None)
+    stages_binned, stages_full = _detect(curve, binned), _detect(curve, full)
+    assert len(binned.points_.x) <= 300 and len(full.points_.x) == len(curve)
+    assert_recovered(stages_binned, truth, types)
+    assert_recovered(stages_full, truth, types)
+    ends_binned = [s["end_step"] for s in stages_binned]
+    ends_full = [s["end_step"] for s in stages_full]
+    assert np.all(np.abs(log_step(ends_binned) - log_step(ends_full)) <= 0.05)
+
+
+def test_100k_checkpoints_run_binned_and_find_the_planted_stages() -> None:
+    curve, truth, types = planted_llc_curve(language_model_transitions(),
+                                            steps=np.arange(100_000), noise=0.003, seed=0)
+    det = make_detector("auto")
+    stages = _detect(curve, det)
+    assert len(det.points_.x) <= MAX_POINTS
+    assert_recovered(stages, truth, types)
+    assert stages[0]["start_step"] == 0 and stages[-1]["end_step"] == 99_999
+    with pytest.raises(ValueError, match="max_points must be an integer >= 10 or None"):
+        detect_stages(curve, max_points=5)
 
 
 def test_nan_rows_are_skipped_and_reported() -> None:
