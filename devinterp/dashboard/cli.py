@@ -8,12 +8,36 @@ from pathlib import Path
 from devinterp.cli import ArgumentParser, UsageError
 from devinterp.dashboard.page import DEFAULT_MAX_TRACE_VALUES, build_page, load_runs, render_html
 from devinterp.dashboard.server import serve
+from devinterp.store import _atomic_write_bytes
 
 EXAMPLES = """examples:
   devinterp dashboard runs/tms -o tms.html                  one run, one offline HTML file
   devinterp dashboard runs/seed0 runs/seed1 -o seeds.html   runs overlaid on one step axis
   devinterp dashboard runs --serve                          http://127.0.0.1:8765/, live
 """
+
+
+def _port(text: str) -> int:
+    """A TCP port for ``--port``: an integer in 0..65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number: use 0-65535 "
+                                         "(0 picks a free one)")
+    return port
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds for ``--poll``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def _parser() -> ArgumentParser:
@@ -30,8 +54,9 @@ def _parser() -> ArgumentParser:
                    help="serve the runs under the folder; pages pick up new λ̂ rows")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
-    p.add_argument("--poll", type=float, default=5.0, metavar="SECONDS",
+    p.add_argument("--port", type=_port, default=8765,
+                   help="port to listen on (default 8765; 0: any free port)")
+    p.add_argument("--poll", type=_seconds, default=5.0, metavar="SECONDS",
                    help="how often served pages check for new λ̂ rows (default 5)")
     p.add_argument("--max-trace-values", type=int, default=DEFAULT_MAX_TRACE_VALUES,
                    metavar="N",
@@ -56,11 +81,24 @@ def main(argv: list[str] | None = None) -> int:
                          "--serve starts a local server")
     if args.max_trace_values < 0:
         raise UsageError("--max-trace-values must be >= 0")
-    runs = load_runs(args.paths)
-    text = render_html(build_page(runs, max_trace_values=args.max_trace_values))
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    if out.is_dir():
+        raise UsageError(f"-o {args.output} is a directory; name the file to write, e.g. "
+                         f"-o {out / 'dashboard.html'}")
+    try:
+        runs = load_runs(args.paths)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):  # one line already
+        raise
+    except OSError as e:
+        raise UsageError(f"cannot read {e.filename or 'a run directory'}: "
+                         f"{e.strerror or e}") from e
+    text = render_html(build_page(runs, max_trace_values=args.max_trace_values))
+    try:
+        # Temp file + rename: an existing dashboard is replaced whole or left as it was.
+        _atomic_write_bytes(out, text.encode("utf-8"))
+    except OSError as e:
+        raise UsageError(f"cannot write {args.output}: {e.strerror or e}; choose another "
+                         "-o FILE.html") from e
     print(f"wrote {out} ({len(runs)} run{'s' if len(runs) > 1 else ''}, "
           f"{out.stat().st_size / 1e6:.1f} MB)")
     return 0

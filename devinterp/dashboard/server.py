@@ -11,16 +11,23 @@ Routes (all ``GET``; anything else is 404):
 - ``/static/plotly.js``               plotly.js from the installed ``plotly`` package
 
 It serves no file by path: every ``<path>`` is resolved (symlinks included) and must be ROOT or
-a folder below it holding ``llc.csv``, else the answer is 403 (outside ROOT) or 404. Pages are
+a folder below it holding ``llc.csv``, else the answer is 403 (outside ROOT) or 404. Every file
+of a run that is read (its tables, JSON documents and loss traces) must resolve inside ROOT and
+be a regular file: a symlink out of ROOT is refused, and a FIFO or device never blocks a reader.
+A request whose ``Host`` header names neither this machine nor an IP address is refused, so a
+web page that rebinds its own domain name to 127.0.0.1 cannot read the runs. A run that cannot
+be read shows its error in its own row of the index; the other runs stay listed. Pages are
 rebuilt only when a file in the run directory changes (size or modification time).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 from collections import OrderedDict
@@ -40,10 +47,24 @@ from devinterp.dashboard.page import (
     script_json,
     trace_payload,
 )
-from devinterp.store import LLC_FILE, SNAPSHOT_DIR, TRACE_DIR, Run, load_run
+from devinterp.store import (
+    LLC_FILE,
+    METRICS_FILE,
+    RUN_FILE,
+    SETTINGS_FILE,
+    SNAPSHOT_DIR,
+    STAGES_FILE,
+    TRACE_DIR,
+    Run,
+    load_run,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SKIP_DIRS = {SNAPSHOT_DIR, TRACE_DIR, "__pycache__", "node_modules"}
+#: The files of a run directory that :func:`devinterp.store.load_run` reads.
+_RUN_FILES = (LLC_FILE, METRICS_FILE, SETTINGS_FILE, RUN_FILE, STAGES_FILE)
+#: A client that goes away mid-answer (a closed tab, a poll cut short): not worth a traceback.
+_DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 
 class HTTPError(Exception):
@@ -55,7 +76,8 @@ class HTTPError(Exception):
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run directories under ``root`` (itself included): folders holding ``llc.csv``."""
+    """Run directories under ``root`` (itself included): folders with an ``llc.csv`` entry
+    (whatever its kind: a bad one is reported in the index, not skipped silently)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in _SKIP_DIRS)
@@ -64,17 +86,66 @@ def find_runs(root: Path) -> list[Path]:
     return found
 
 
+def check_run_files(root: Path, run_dir: Path) -> None:
+    """Raise :class:`HTTPError` 403 unless every file that loading ``run_dir`` reads resolves
+    inside ``root`` and is a regular file.
+
+    A symlink in a run folder could otherwise serve a file from anywhere, and a FIFO would block
+    the reading thread forever.
+    """
+    candidates = [run_dir / name for name in _RUN_FILES]
+    traces = run_dir / TRACE_DIR
+    if os.path.lexists(traces):
+        _require_inside(root, traces)
+        if traces.is_dir():
+            with os.scandir(traces) as it:
+                candidates += [traces / e.name for e in it if e.name.endswith(".npy")]
+    for path in candidates:
+        if not os.path.lexists(path):
+            continue
+        _require_inside(root, path)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise HTTPError(403, f"{_rel(root, path)} cannot be read ({e.strerror})") from e
+        if not stat.S_ISREG(mode):
+            raise HTTPError(403, f"{_rel(root, path)} is not a regular file; the dashboard "
+                                 "reads only regular files")
+
+
+def _require_inside(root: Path, path: Path) -> None:
+    target = path.resolve()
+    if target != root and root not in target.parents:
+        raise HTTPError(403, f"{_rel(root, path)} links outside the served folder")
+
+
+def _rel(root: Path, path: Path) -> str:
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def dir_signature(path: Path) -> tuple:
-    """Names, sizes and modification times of a run directory's files (and its traces)."""
+    """Names, sizes and modification times of a run directory's files (and its traces).
+
+    Symlinks are followed (their targets were checked by :func:`check_run_files`), so a link
+    to a table that grows still changes the signature.
+    """
     entries = []
     with os.scandir(path) as it:
         for e in it:
             if e.name.startswith("."):
                 continue
-            if e.is_file(follow_symlinks=False) or e.name == TRACE_DIR:
-                st = e.stat(follow_symlinks=False)
+            if e.is_file() or e.name == TRACE_DIR:
+                st = e.stat()
                 entries.append((e.name, st.st_mtime_ns, st.st_size))
     return tuple(sorted(entries))
+
+
+def host_name(header: str) -> str:
+    """The host part of a ``Host`` header (``[::1]:8765`` -> ``::1``), lower-cased."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 class _Cache:
@@ -115,9 +186,34 @@ class DashboardServer(ThreadingHTTPServer):
         self.runs = _Cache()
         self.pages = _Cache(16)
         self._plotly: bytes | None = None
+        self._names = {"localhost", host.lower(), socket.gethostname().lower(),
+                       socket.getfqdn().lower()}
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, port), _Handler)
+
+    def allows_host(self, header: str | None) -> bool:
+        """Whether a request's ``Host`` header names this server.
+
+        IP addresses are always fine (a DNS-rebinding page reaches the server under its own
+        domain name, never under an address); names must be this machine's.
+        """
+        if not header:
+            return False
+        name = host_name(header).rstrip(".")
+        if name in self._names:
+            return True
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet for clients that disconnect; the usual traceback for anything else."""
+        if isinstance(sys.exc_info()[1], _DISCONNECTS):
+            return
+        super().handle_error(request, client_address)
 
     @property
     def url(self) -> str:
@@ -147,6 +243,8 @@ class DashboardServer(ThreadingHTTPServer):
         return path.relative_to(self.root).as_posix()
 
     def load(self, path: Path) -> tuple[Run, tuple]:
+        """The run at ``path`` (cached while its files are unchanged), and its signature."""
+        check_run_files(self.root, path)
         sig = dir_signature(path)
         return self.runs.get((path, sig), lambda: load_run(path)), sig
 
@@ -164,18 +262,27 @@ class DashboardServer(ThreadingHTTPServer):
         return self.pages.get(key, make)
 
     def index(self) -> list[dict]:
+        """One entry per run under ROOT; a run that cannot be read gets ``error`` instead of
+        its numbers, so one bad folder never hides the others."""
         out = []
         for path in find_runs(self.root):
-            run, sig = self.load(path)
-            modified = max((m for _, m, _ in sig), default=0)
-            out.append({
-                "ref": self.ref(path), "name": run.name, "points": int(len(run.llc)),
-                "last_step": int(run.llc["step"].max()) if len(run.llc) else None,
-                "stages": len(run.stages),
-                "flagged": len({f.step for f in health_flags(run.llc)}),
-                "modified": datetime.fromtimestamp(modified / 1e9).strftime("%Y-%m-%d %H:%M:%S"),
-            })
+            ref = self.ref(path)
+            try:
+                out.append({"ref": ref, **self._summary(path)})
+            except (HTTPError, ValueError, OSError) as e:
+                out.append({"ref": ref, "name": path.name, "error": str(e)})
         return out
+
+    def _summary(self, path: Path) -> dict:
+        run, sig = self.load(path)
+        modified = max((m for _, m, _ in sig), default=0)
+        return {
+            "name": run.name, "points": int(len(run.llc)),
+            "last_step": int(run.llc["step"].max()) if len(run.llc) else None,
+            "stages": len(run.stages),
+            "flagged": len({f.step for f in health_flags(run.llc)}),
+            "modified": datetime.fromtimestamp(modified / 1e9).strftime("%Y-%m-%d %H:%M:%S"),
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -186,13 +293,16 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         is_api = parts.path.startswith("/api/")
         try:
+            if not self.server.allows_host(self.headers.get("Host")):
+                raise HTTPError(403, f"unexpected Host header {self.headers.get('Host')!r}; "
+                                     f"open {self.server.url}")
             self._route(parts.path, parse_qs(parts.query))
+        except _DISCONNECTS:
+            self.close_connection = True
         except HTTPError as e:
             self._error(e.code, str(e), is_api)
         except (ValueError, OSError) as e:
             self._error(500, f"could not read the run: {e}", is_api)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
 
     def _route(self, raw_path: str, query: dict[str, list[str]]) -> None:
         path = unquote(raw_path)
@@ -254,11 +364,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body.encode(), "application/json; charset=utf-8")
 
     def _error(self, code: int, message: str, is_api: bool) -> None:
-        if is_api:
-            body = json.dumps({"error": message}).encode()
-            self._send(code, body, "application/json; charset=utf-8")
-        else:
-            self._send(code, f"{code}: {message}\n".encode(), "text/plain; charset=utf-8")
+        try:
+            if is_api:
+                body = json.dumps({"error": message}).encode()
+                self._send(code, body, "application/json; charset=utf-8")
+            else:
+                self._send(code, f"{code}: {message}\n".encode(), "text/plain; charset=utf-8")
+        except _DISCONNECTS:
+            self.close_connection = True
 
     def _send(self, code: int, body: bytes, content_type: str, cache: bool = False) -> None:
         self.send_response(code)
@@ -280,6 +393,9 @@ def serve(root: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8765,
     """Serve the dashboards of the runs under ``root`` until interrupted (Ctrl-C)."""
     try:
         server = DashboardServer(root, host, port, poll_seconds)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot listen on {host!r}: no such address ({e.strerror or e}); "
+                         "pass an address of this machine with --host") from e
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise
