@@ -200,7 +200,7 @@ def test_health_flags_find_exactly_the_planted_problems(run_dir: Path) -> None:
     ("rhat", 1.1, False), ("rhat", 1.11, True), ("rhat", float("inf"), True),
     ("rhat", float("nan"), False), ("mala_acceptance", 0.5, False),
     ("mala_acceptance", 0.49, True), ("num_diverged", 0, False), ("num_diverged", 2, True),
-    ("ess", 99.0, True), ("frac_below_baseline", 0.31, True), ("drift", -4.5, True),
+    ("ess", 9.9, True), ("ess", 10.0, False), ("frac_below_baseline", 0.31, True), ("drift", -4.5, True),
     ("llc_mean", -0.2, True), ("llc_mean", float("nan"), True), ("llc/rhat", 2.0, True),
 ])
 def test_health_rule_boundaries(tmp_path: Path, column: str, value: float,
@@ -276,8 +276,12 @@ def test_page_model_tables(run_dir: Path) -> None:
     assert flagged == {(str(s), c) for s, c in PLANTED_FLAGS}
     summary = {(s["what"], tuple(s["runs"][0]["steps"]))
                for s in page["diagnostics"]["summary"]}
-    assert summary == {("diverged chains", (100,)), ("R-hat", (1000,)),
-                       ("estimator warning", (1000,))}
+    # The estimator's R-hat warning and the R-hat rule's flag at step 1000 are one problem.
+    assert summary == {("diverged chains", (100,)), ("R-hat", (1000,))}
+    rows = [(f["step"], f["what"], f["why"]) for f in page["diagnostics"]["flags"]]
+    assert rows == [(100, "diverged chains", next(r.why for r in HEALTH_RULES
+                                                  if r.column == "num_diverged")),
+                    (1000, "R-hat", "split R-hat is 1.50 (> 1.1): chains disagree")]
     assert page["runs"][0]["trace_steps"] == STEPS
     assert page["runs"][0]["flagged_steps"] == [100, 1000]
 

@@ -306,11 +306,16 @@ SCRIPT = r"""
       return (multi ? [page.runs[f.run].name] : []).concat(
         [String(f.step), f.what, f.value, f.why]);
     });
+    var hasTrace = page.runs.map(function (run) {
+      var steps = {};
+      run.trace_steps.forEach(function (s) { steps[s] = true; });
+      return steps;
+    });
     box.appendChild(makeTable(columns, rows, {
       cellClass: function (r, k) { return k === (multi ? 3 : 2) ? "flagged" : ""; },
       extra: function (r) {
         var f = d.flags[r], td = el("td");
-        if (page.runs[f.run].trace_steps.indexOf(f.step) >= 0) {
+        if (hasTrace[f.run][f.step] === true) {
           var b = el("button", "", "chains");
           b.type = "button";
           b.addEventListener("click", function () { selectTrace(f.run, f.step, true); });
@@ -422,8 +427,10 @@ SCRIPT = r"""
       traceState.step = steps.length ? steps[steps.length - 1] : null;
     }
     clear(stepSelect);
+    var flagged = {};
+    run.flagged_steps.forEach(function (s) { flagged[s] = true; });
     steps.forEach(function (s) {
-      var bad = run.flagged_steps.indexOf(s) >= 0;
+      var bad = flagged[s] === true;
       var o = el("option", "", "step " + s + (bad ? "  ⚠ flagged" : ""));
       o.value = String(s);
       stepSelect.appendChild(o);
@@ -583,6 +590,18 @@ INDEX_SCRIPT = r"""
     var body = el("tbody");
     runs.forEach(function (run) {
       var tr = el("tr"), pick = el("input"), cell = el("td"), link = el("a", "", run.name);
+      if (run.error) {
+        // A run that cannot be read: its error in its own row; the other runs stay usable.
+        tr.className = "error";
+        tr.appendChild(el("td"));
+        tr.appendChild(el("td", "", run.name));
+        tr.appendChild(el("td", "path", run.ref));
+        var msg = el("td", "flagged", run.error);
+        msg.colSpan = 5;
+        tr.appendChild(msg);
+        body.appendChild(tr);
+        return;
+      }
       pick.type = "checkbox";
       pick.checked = !!selected[run.ref];
       pick.addEventListener("change", function () {

@@ -91,7 +91,10 @@ def _rgba(hex_color: str, alpha: float) -> str:
 class HealthRule:
     """A diagnostic column and the range outside which an estimate is flagged.
 
-    The thresholds match the estimator's own warnings (``devinterp.llc``) where it has one.
+    ``per_chain`` bounds are multiplied by the chains that entered the estimate (the row's
+    ``num_chains`` less ``num_diverged``; 1 when the row does not say). ``warning_marker`` is a
+    phrase of the estimator's own warning about the same diagnostic (``devinterp.llc``), so a
+    violation and that warning are listed as one problem, not two.
     """
 
     column: str
@@ -99,12 +102,20 @@ class HealthRule:
     low: float | None
     high: float | None
     why: str
+    per_chain: bool = False
+    warning_marker: str | None = None
 
-    def violated(self, value: float) -> bool:
+    def violated(self, value: float, chains: float = 1.0) -> bool:
         if math.isnan(value):
             return False
-        return (self.low is not None and value < self.low) or (
-            self.high is not None and value > self.high)
+        scale = chains if self.per_chain else 1.0
+        return (self.low is not None and value < self.low * scale) or (
+            self.high is not None and value > self.high * scale)
+
+    def bounds(self, chains: float = 1.0) -> list[float]:
+        """The thresholds for an estimate with ``chains`` chains (for the dotted lines)."""
+        scale = chains if self.per_chain else 1.0
+        return [b * scale for b in (self.low, self.high) if b is not None]
 
     @property
     def bound_text(self) -> str:
@@ -113,26 +124,41 @@ class HealthRule:
             parts.append(f"< {self.low:g}")
         if self.high is not None:
             parts.append(f"> {self.high:g}")
-        return "flagged if " + " or ".join(parts)
+        return "flagged if " + " or ".join(parts) + (" per chain" if self.per_chain else "")
 
+
+#: Effective draws per chain below which ESS is flagged. λ̂ is a mean over draws and its error
+#: bar is the spread of the per-chain means, so what must hold is that each chain mean rests on
+#: enough effective draws to be roughly normal and Geyer's autocorrelation sum to be stable:
+#: about 10 per chain. Vehtari et al. (2021) ask 100 per chain, but for quantiles and R-hat of
+#: a posterior, not for one mean. SGLD's λ̂ traces are strongly autocorrelated: a healthy
+#: 4 × 800-draw estimate (the quickstart's plateau) has an ESS near 130, i.e. 33 per chain,
+#: which a fixed bound of 100 flagged; estimates whose chains have not moved (ESS of a few per
+#: chain) stay flagged.
+MIN_ESS_PER_CHAIN = 10.0
 
 HEALTH_RULES: tuple[HealthRule, ...] = (
     HealthRule("llc_mean", "negative λ̂", 0.0, None,
-               "λ̂ < 0: draws fall below the loss at w*, so w* is probably not a local minimum"),
+               "λ̂ < 0: draws fall below the loss at w*, so w* is probably not a local minimum",
+               warning_marker="below the loss at w*"),
     HealthRule("num_diverged", "diverged chains", None, 0.0,
-               "chains diverged and were left out of λ̂: use a smaller step_size"),
+               "chains diverged and were left out of λ̂: use a smaller step_size",
+               warning_marker="chains diverged"),
     HealthRule("rhat", "R-hat", None, 1.1,
-               "split R-hat > 1.1: the chains disagree or have not mixed; use more draws"),
+               "split R-hat > 1.1: the chains disagree or have not mixed; use more draws",
+               warning_marker="R-hat"),
     HealthRule("mala_acceptance", "MALA acceptance", 0.5, None,
                "MALA acceptance < 0.5 (healthy is ~0.9): the step size is too large and "
-               "inflates λ̂"),
-    HealthRule("ess", "ESS", 100.0, None,
-               "fewer than 100 effective draws: λ̂'s error bar is unreliable; run more draws"),
+               "inflates λ̂", warning_marker="MALA acceptance"),
+    HealthRule("ess", "ESS", MIN_ESS_PER_CHAIN, None,
+               f"fewer than {MIN_ESS_PER_CHAIN:g} effective draws per chain: the chains barely "
+               "moved and λ̂'s error bar is unreliable; run more draws", per_chain=True),
     HealthRule("frac_below_baseline", "draws below baseline", None, 0.3,
-               "over 30% of draws have a loss below L(w*): the sampler may still be optimizing"),
+               "over 30% of draws have a loss below L(w*): the sampler may still be optimizing",
+               warning_marker="below the loss at w*"),
     HealthRule("drift", "λ̂ trace drift", -4.0, 4.0,
                "the λ̂ trace still drifts between its halves: increase num_burnin (climbing: "
-               "or a larger localization)"),
+               "or a larger localization)", warning_marker="λ̂ trace still drifts"),
 )
 _RULES = {r.column: r for r in HEALTH_RULES}
 NOT_FINITE_WHY = "λ̂ is not finite: the chains diverged or the loss at w* is not finite"
@@ -196,9 +222,20 @@ def warning_columns(llc: pd.DataFrame) -> list[str]:
     return [c for c in llc.columns if column_key(c) == "warnings"]
 
 
+def chains_used(llc: pd.DataFrame) -> np.ndarray:
+    """Chains that entered each row's estimate: ``num_chains - num_diverged`` (1 if unknown)."""
+    cols = {column_key(c): c for c in llc.columns if _is_numeric(llc[c])}
+    if "num_chains" not in cols:
+        return np.ones(len(llc))
+    chains = llc[cols["num_chains"]].to_numpy(dtype=np.float64)
+    if "num_diverged" in cols:
+        chains = chains - np.nan_to_num(llc[cols["num_diverged"]].to_numpy(dtype=np.float64))
+    return np.where(np.isfinite(chains) & (chains >= 1), chains, 1.0)
+
+
 def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
     """Every flagged value of a λ̂ table: failed estimates, health-rule violations and the
-    estimator's own warnings."""
+    estimator's own warnings (one flag per cell; :func:`problems` merges them)."""
     flags: list[Flag] = []
     steps = llc["step"].to_numpy(dtype=np.int64)
     failed: set[int] = set()
@@ -211,14 +248,15 @@ def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
                 failed.add(step)
                 why = f"no estimate: {_text(reason)}" if _text(reason) else "no estimate"
                 flags.append(Flag(run_index, step, "status", status, why))
+    chains = chains_used(llc).tolist()
     for col in llc.columns:
         rule = rule_for(col)
         if rule is not None and _is_numeric(llc[col]):
             values = llc[col].to_numpy(dtype=np.float64)
-            for step, v in zip(steps.tolist(), values.tolist(), strict=True):
+            for step, v, c in zip(steps.tolist(), values.tolist(), chains, strict=True):
                 if step in failed:
                     continue
-                if rule.violated(v):
+                if rule.violated(v, c):
                     flags.append(Flag(run_index, step, col, f"{v:.4g}", rule.why))
                 elif rule.column == "llc_mean" and not math.isfinite(v):
                     flags.append(Flag(run_index, step, col, f"{v}", NOT_FINITE_WHY))
@@ -228,6 +266,60 @@ def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
                 flags.append(Flag(run_index, step, col, "", text))
     flags.sort(key=lambda f: (f.step, f.column))
     return flags
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem of one estimate, as the page lists it: the flags it stands for (a rule's
+    violation and the estimator's warning about the same diagnostic become one problem)."""
+
+    first: Flag
+    why: str
+    flags: tuple[Flag, ...]
+
+    @property
+    def run(self) -> int:
+        return self.first.run
+
+    @property
+    def step(self) -> int:
+        return self.first.step
+
+
+def problems(flags: Sequence[Flag]) -> list[Problem]:
+    """Flags merged into problems, in the order of ``flags`` (linear in their number).
+
+    At one (run, step), an estimator warning that names a rule's diagnostic (its
+    ``warning_marker``) joins every violation of such a rule there; the warning's own text,
+    which carries the measured value, becomes the problem's explanation.
+    """
+    by_point: dict[tuple[int, int], list[Flag]] = {}
+    for f in flags:
+        by_point.setdefault((f.run, f.step), []).append(f)
+    out: list[Problem] = []
+    for group in by_point.values():
+        warnings = [f for f in group if column_key(f.column) == "warnings"]
+        rules = [f for f in group if f not in warnings]
+        joined: dict[int, list[Flag]] = {id(f): [f] for f in rules}
+        why: dict[int, str] = {id(f): f.why for f in rules}
+        for w in warnings:
+            hits = [f for f in rules if (r := rule_for(f.column)) is not None
+                    and r.warning_marker and r.warning_marker in w.why]
+            if not hits:
+                joined[id(w)], why[id(w)] = [w], w.why
+                rules.append(w)
+                continue
+            head = hits[0]
+            if why[id(head)] == head.why:
+                why[id(head)] = w.why
+            joined[id(head)].append(w)
+            for other in hits[1:]:  # one warning, several rules (λ̂ < 0 and draws below w*)
+                if id(other) in joined:
+                    joined[id(head)] += joined.pop(id(other))
+        for f in rules:
+            if id(f) in joined:
+                out.append(Problem(f, why[id(f)], tuple(joined[id(f)])))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,61 +513,74 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
                 "line": {"color": FLAG_COLOR, "width": 1.5, "dash": "dot"}}
                for i, step in missing]
 
-    lane_px = 26 * len(runs) + 12 if multi else 0
-    lane_gap_px = 56 if multi else 0
+    lanes = multi and any(_stage_bounds(st, lo, hi) for r in runs for st in r.stages
+                          if isinstance(st, dict))
+    lane_px = 26 * len(runs) + 12 if lanes else 0
+    lane_gap_px = 56 if lanes else 0
     panels_px = 500
     height = panels_px + lane_px + lane_gap_px + 84
     area = height - 84
-    lane_top = (lane_px / area) if multi else 0.0
+    lane_top = (lane_px / area) if lanes else 0.0
     llc_bottom = lane_top + lane_gap_px / area
     split = llc_bottom + (1 - llc_bottom) * 0.5
+    loss_domain, llc_domain = [split + 0.035, 1.0], [llc_bottom, split - 0.035]
     layout = _base_layout(height)
     log_loss = bool(loss_values) and min(loss_values) > 0 and max(loss_values) / min(
         loss_values) > 30
     layout.update({
         "xaxis": _step_axis(xr, anchor="y", showticklabels=False),
-        "yaxis": _value_axis(domain=[split + 0.035, 1.0], title={"text": "loss"},
-                             **({"type": "log", "dtick": "D2"} if log_loss
+        "yaxis": _value_axis(domain=loss_domain, title={"text": "loss"},
+                             **({"type": "log", **loss_axis_ticks(loss_values)} if log_loss
                                 else {"type": "linear"}),
                              exponentformat="power"),
         "xaxis2": _step_axis(xr, anchor="y2", matches="x",
-                             **({} if multi else {"title": {"text": STEP_AXIS_TITLE}})),
-        "yaxis2": _value_axis(domain=[llc_bottom, split - 0.035],
+                             **({} if lanes else {"title": {"text": STEP_AXIS_TITLE}})),
+        "yaxis2": _value_axis(domain=llc_domain,
                               title={"text": "λ̂ (local learning coefficient)"}),
     })
-    if multi:
+    clipped = llc_axis_range(runs)
+    if clipped is not None:
+        layout["yaxis2"]["range"] = clipped[0]
+        data.append(_offscale_trace(clipped[1], clipped[0], names))
+    if lanes:
+        labels = [plot_text(_short(n)) for n in names]
+        # Room for the longest lane label (~7 px a character at 12 px) left of the panels.
+        layout["margin"]["l"] = max(layout["margin"]["l"],
+                                    16 + 7 * max(len(_short(n)) for n in names))
         layout["xaxis3"] = _step_axis(xr, anchor="y3", matches="x",
                                       title={"text": STEP_AXIS_TITLE})
         layout["yaxis3"] = {"domain": [0, lane_top], "range": [len(runs) - 0.5, -0.5],
                             "tickvals": list(range(len(runs))), "fixedrange": True,
-                            "ticktext": [plot_text(_short(n)) for n in names],
+                            "ticktext": labels, "automargin": True,
                             "showgrid": False, "zeroline": False, "linecolor": "#999"}
         layout["xaxis2"]["showticklabels"] = False
         annotations.append({"text": "stages (A: λ̂ rises, B: λ̂ falls)", "xref": "paper",
                             "yref": "paper", "x": 0, "y": lane_top, "xanchor": "left",
                             "yanchor": "bottom", "showarrow": False,
                             "font": {"size": 11, "color": "#555"}})
-        if len(loss_names) > 1:
-            annotations.append({
-                "text": plot_text(" · ".join(f"{DASHES[k % len(DASHES)]}: {c}"
-                                             for k, c in enumerate(loss_names))),
-                "xref": "paper", "yref": "paper", "x": 1, "y": 1, "xanchor": "right",
-                "yanchor": "top", "showarrow": False, "font": {"size": 11, "color": "#555"},
-                "bgcolor": "rgba(255,255,255,0.8)"})
+    if multi and len(loss_names) > 1:
+        annotations.append({
+            "text": plot_text(" · ".join(f"{DASHES[k % len(DASHES)]}: {c}"
+                                         for k, c in enumerate(loss_names))),
+            "xref": "paper", "yref": "paper", "x": 1, "y": 1, "xanchor": "right",
+            "yanchor": "top", "showarrow": False, "font": {"size": 11, "color": "#555"},
+            "bgcolor": "rgba(255,255,255,0.8)"})
     for i, (run, name) in enumerate(zip(runs, names, strict=True)):
-        if multi:
+        if lanes:
             shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x3", yref="y3",
                                     y0=i - 0.38, y1=i + 0.38, opacity=0.55)
             hover = _stage_hover_trace(run, i, name, lo, hi)
             if hover is not None:
                 data.append(hover)
-        else:
+        elif not multi:
             shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x", yref="paper",
                                     y0=0, y1=1, opacity=0.13)
+    # Placeholders sit in the middle of their own panel (paper coordinates: an axis that has
+    # no trace is not drawn, and "y domain" of it would fall back onto another panel).
     if not loss_names:
-        annotations.append(_empty_note("no loss logged in metrics.csv", "y"))
+        annotations.append(_empty_note("no loss logged in metrics.csv", loss_domain))
     if not any(len(r.llc) for r in runs):
-        annotations.append(_empty_note("no λ̂ estimated yet", "y2"))
+        annotations.append(_empty_note("no λ̂ estimated yet", llc_domain))
     layout["shapes"] = shapes
     layout["annotations"] = annotations
     return {"data": data, "layout": layout}
@@ -491,23 +596,23 @@ def _short(name: str, limit: int = 28) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1):]
 
 
-def _empty_note(text: str, yaxis: str) -> dict:
-    return {"text": text, "xref": "paper", "yref": f"{yaxis} domain", "x": 0.5, "y": 0.5,
-            "showarrow": False, "font": {"size": 13, "color": "#888"}}
+def _empty_note(text: str, domain: list[float]) -> dict:
+    return {"text": text, "xref": "paper", "yref": "paper", "x": 0.5,
+            "y": (domain[0] + domain[1]) / 2, "showarrow": False,
+            "font": {"size": 13, "color": "#888"}, "name": "empty"}
 
 
 def _flag_points(runs: Sequence[Run], flags: Sequence[Flag]) -> dict | None:
     """Red rings on the λ̂ curve at every step with a flagged diagnostic or warning."""
     by_point: dict[tuple[int, int], list[str]] = {}
-    for f in flags:
-        by_point.setdefault((f.run, f.step), []).append(
-            f.why if not f.value else f"{f.column} = {f.value}: {f.why}")
+    for p in problems(flags):
+        by_point.setdefault((p.run, p.step), []).append(
+            p.why if not p.first.value else f"{p.first.column} = {p.first.value}: {p.why}")
+    values = [dict(zip(r.llc["step"].tolist(), r.llc["llc_mean"].tolist(), strict=True))
+              for r in runs]
     xs, ys, texts, steps = [], [], [], []
     for (i, step), whys in sorted(by_point.items()):
-        row = runs[i].llc[runs[i].llc["step"] == step]
-        if not len(row):
-            continue
-        value = float(row["llc_mean"].iloc[0])
+        value = float(values[i].get(step, math.nan))
         if not math.isfinite(value):
             continue
         xs.append(step + 1)
@@ -522,6 +627,69 @@ def _flag_points(runs: Sequence[Run], flags: Sequence[Flag]) -> dict | None:
             "marker": {"symbol": "circle-open", "size": 12, "color": FLAG_COLOR,
                        "line": {"width": 2}},
             "meta": {"kind": "flag", "run": -1}}
+
+
+def llc_axis_range(runs: Sequence[Run]) -> tuple[list[float], list[tuple[int, int, float]]] | None:
+    """A λ̂ axis range that leaves out far outliers, and those outliers ``(run, step, λ̂)``.
+
+    A λ̂ of -250 at initialization next to a curve between 5 and 10 would flatten the curve on
+    a linear axis. Values beyond 3 interquartile ranges of the middle half are outliers (none
+    while fewer than 8 estimates exist); None when there are none (the axis scales itself).
+    """
+    points = [(i, int(s), float(v)) for i, r in enumerate(runs)
+              for s, v in zip(r.llc["step"].tolist(),
+                              np.asarray(r.llc["llc_mean"], dtype=np.float64).tolist(),
+                              strict=True) if math.isfinite(v)]
+    if len(points) < 8:
+        return None
+    values = np.array([v for _, _, v in points])
+    q1, q3 = np.percentile(values, [25, 75])
+    reach = 3 * max(q3 - q1, 1e-9 * max(abs(q1), abs(q3), 1.0))
+    lo, hi = q1 - reach, q3 + reach
+    outliers = [p for p in points if not lo <= p[2] <= hi]
+    if not outliers:
+        return None
+    keep_lo, keep_hi = [], []
+    for r in runs:
+        llc = r.llc[["llc_mean", "llc_std"]].to_numpy(dtype=np.float64)
+        mean = llc[:, 0]
+        std = np.nan_to_num(llc[:, 1])
+        inside = np.isfinite(mean) & (mean >= lo) & (mean <= hi)
+        keep_lo += (mean - std)[inside].tolist()
+        keep_hi += (mean + std)[inside].tolist()
+    y0, y1 = min(keep_lo), max(keep_hi)
+    pad = 0.08 * (y1 - y0) if y1 > y0 else 1.0
+    return [y0 - pad, y1 + pad], outliers
+
+
+def _offscale_trace(outliers: list[tuple[int, int, float]], y_range: list[float],
+                    names: Sequence[str]) -> dict:
+    """Triangles at the edge of the λ̂ axis where an outlier lies beyond it."""
+    inset = 0.02 * (y_range[1] - y_range[0])
+    return {
+        "type": "scatter", "mode": "markers", "xaxis": "x2", "yaxis": "y2",
+        "x": [s + 1 for _, s, _ in outliers],
+        "y": [y_range[0] + inset if v < y_range[0] else y_range[1] - inset
+              for _, _, v in outliers],
+        "customdata": [[i, s] for i, s, _ in outliers],
+        "hovertext": [plot_text(f"{names[i]} · step {s}: λ̂ = {v:.4g}, off the axis "
+                                "(double-click the plot to show every point)")
+                      for i, s, v in outliers],
+        "hoverinfo": "text", "name": "λ̂ off the axis",
+        "marker": {"symbol": ["triangle-down" if v < y_range[0] else "triangle-up"
+                              for _, _, v in outliers],
+                   "size": 11, "color": FLAG_COLOR},
+        "meta": {"kind": "llc-offscale", "run": -1},
+    }
+
+
+def loss_axis_ticks(values: Sequence[float]) -> dict:
+    """Ticks of a log loss axis that never collide: 1, 2 and 5 of each decade over at most two
+    decades, one label per decade up to eight, then every k-th decade."""
+    decades = math.log10(max(values) / min(values))
+    if decades <= 2:
+        return {"dtick": "D2"}
+    return {"dtick": max(1, math.ceil(decades / 8))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -573,12 +741,13 @@ def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
         annotations.append({"text": plot_text(caption), "xref": "paper", "yref": "paper",
                             "x": 0, "y": top, "xanchor": "left", "yanchor": "bottom",
                             "showarrow": False, "font": {"size": 12, "color": "#333"}})
-        for bound in (rule.low, rule.high) if rule else ():
-            if bound is not None:
-                shapes.append({"type": "line", "name": f"threshold:{k}",
-                               "xref": f"x{ax} domain", "x0": 0, "x1": 1,
-                               "yref": f"y{ax}", "y0": bound, "y1": bound,
-                               "line": {"color": FLAG_COLOR, "width": 1, "dash": "dot"}})
+        chains = sorted({float(c) for r in runs if col in r.llc.columns
+                         for c in np.unique(chains_used(r.llc))}) or [1.0]
+        bounds = sorted({b for c in chains for b in rule.bounds(c)}) if rule else []
+        shapes += [{"type": "line", "name": f"threshold:{k}", "xref": f"x{ax} domain",
+                    "x0": 0, "x1": 1, "yref": f"y{ax}", "y0": bound, "y1": bound,
+                    "line": {"color": FLAG_COLOR, "width": 1, "dash": "dot"}}
+                   for bound in bounds]
         bad_x, bad_y, bad_points = [], [], []
         for i, (run, name) in enumerate(zip(runs, names, strict=True)):
             if col not in run.llc.columns:

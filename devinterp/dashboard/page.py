@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from devinterp.dashboard import assets
 from devinterp.dashboard.figures import (
@@ -29,11 +30,13 @@ from devinterp.dashboard.figures import (
     HEALTH_RULES,
     NOT_FINITE_WHY,
     Flag,
+    Problem,
     column_key,
     diagnostics_figure,
     health_flags,
     llc_figure,
     numbers,
+    problems,
     rule_for,
     run_color,
 )
@@ -52,11 +55,13 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline' 'self'; style-src 'unsafe
 # Reading runs
 # ----------------------------------------------------------------------------------------------
 def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[Run]:
-    """Load run directories, refusing directories that hold no run at all."""
+    """Load run directories, refusing directories that hold no run or nothing to draw."""
     if not run_dirs:
         raise ValueError("no run directory given; pass one or more run directories")
     runs = []
     for d in run_dirs:
+        if Path(d).is_file():
+            raise ValueError(f"{str(d)!r} is a file; pass the run directory that holds it")
         run = load_run(d)
         if not (len(run.llc) or len(run.metrics) or run.settings or run.meta or run.stages
                 or run.snapshots):
@@ -65,6 +70,12 @@ def load_runs(run_dirs: Sequence[str | os.PathLike]) -> list[Run]:
                 "pass a directory written by LLCCallback or `devinterp run`, or serve a folder "
                 "of runs with `devinterp dashboard ROOT --serve`")
         runs.append(run)
+    if not any(len(r.llc) or len(r.metrics) for r in runs):
+        raise ValueError(
+            f"nothing to draw yet in {', '.join(repr(str(d)) for d in run_dirs)}: no λ̂ rows "
+            "(llc.csv) and no logged metrics (metrics.csv); estimate λ̂ first (`devinterp "
+            "estimate RUN_DIR`) or watch a training run live with `devinterp dashboard ROOT "
+            "--serve`")
     return runs
 
 
@@ -126,14 +137,47 @@ def key_value_table(docs: Sequence[Mapping[str, Any]], names: Sequence[str]) -> 
     """Rows ``[key, value per run]`` over the union of keys; ``differs`` marks disagreements."""
     flat = [flatten(d) for d in docs]
     keys: list[str] = []
+    seen: set[str] = set()
     for f in flat:
-        keys += [k for k in f if k not in keys]
+        for k in f:
+            if k not in seen:
+                seen.add(k)
+                keys.append(k)
     rows, differs = [], []
     for k in keys:
         cells = [format_value(f[k]) if k in f else "—" for f in flat]
         rows.append([k, *cells])
         differs.append(len(set(cells)) > 1)
     return {"columns": ["setting", *names], "rows": rows, "differs": differs}
+
+
+def used_value(llc: Any, key: str) -> str:
+    """What the estimator used for a setting left to it (``None`` in settings.json), read
+    from the λ̂ table's column of that name: ``auto: 0.0066`` or ``auto: 0.0061–0.0074
+    (median 0.0072 over 29 estimates)``; ``default`` when the table does not record it."""
+    if key not in llc.columns:
+        return "default"
+    values = llc[key].dropna()
+    if not len(values):
+        return "default"
+    numeric = np.asarray(pd.to_numeric(values, errors="coerce"), dtype=np.float64)
+    if np.isfinite(numeric).all():
+        lo, hi = float(numeric.min()), float(numeric.max())
+        if lo == hi:
+            return f"auto: {format_value(lo)}"
+        return (f"auto: {format_value(lo)}–{format_value(hi)} (median "
+                f"{format_value(float(np.median(numeric)))} over {len(numeric)} estimates)")
+    distinct = list(dict.fromkeys(str(v) for v in values))
+    return "auto: " + ", ".join(distinct[:5]) + (", …" if len(distinct) > 5 else "")
+
+
+def settings_table(runs: Sequence[Run], names: Sequence[str]) -> dict:
+    """The sampler settings of each run, with the values used for those left automatic."""
+    docs = []
+    for run in runs:
+        doc = flatten(run.settings)
+        docs.append({k: (used_value(run.llc, k) if v is None else v) for k, v in doc.items()})
+    return key_value_table(docs, names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,20 +217,23 @@ def _flag_label(flag: Flag) -> str:
     return rule.label if rule else flag.column
 
 
-def flag_summary(flags: Sequence[Flag], names: Sequence[str]) -> list[dict]:
-    """Flags grouped by problem, with the runs and steps that have it, for the page's banner."""
-    groups: dict[str, list[Flag]] = {}
-    for f in flags:
-        groups.setdefault(_flag_label(f), []).append(f)
+def flag_summary(found: Sequence[Problem], names: Sequence[str]) -> list[dict]:
+    """Problems grouped by kind, with the runs and steps that have it, for the page's banner."""
+    groups: dict[str, list[Problem]] = {}
+    for p in found:
+        groups.setdefault(_flag_label(p.first), []).append(p)
     order = {r.label: k for k, r in enumerate(HEALTH_RULES)}
     out = []
     for label, items in sorted(groups.items(), key=lambda kv: order.get(kv[0], -1)):
+        steps_of: dict[int, set[int]] = {}
+        for p in items:
+            steps_of.setdefault(p.run, set()).add(p.step)
         runs = []
-        for run in sorted({f.run for f in items}):
-            steps = sorted({f.step for f in items if f.run == run})
+        for run in sorted(steps_of):
+            steps = sorted(steps_of[run])
             runs.append({"run": run, "name": names[run], "count": len(steps),
                          "steps": steps[:6]})
-        whys = list(dict.fromkeys(f.why for f in items))
+        whys = list(dict.fromkeys(p.first.why for p in items))
         why = whys[0] + (f" (and {len(whys) - 1} other messages)" if len(whys) > 1 else "")
         out.append({"what": label, "why": why, "runs": runs,
                     "count": sum(r["count"] for r in runs)})
@@ -270,11 +317,13 @@ def _spread_pick(candidates: list[int], count: int, first: Sequence[int]) -> lis
         targets = np.linspace(logs[0], logs[-1], need)
         idx = sorted({int(np.argmin(np.abs(logs - t))) for t in targets})
         extra = [rest[k] for k in idx]
-        for k in np.linspace(0, len(rest) - 1, len(rest)).astype(int).tolist():
+        chosen = set(extra)
+        for step in rest:
             if len(extra) >= need:
                 break
-            if rest[k] not in extra:
-                extra.append(rest[k])
+            if step not in chosen:
+                chosen.add(step)
+                extra.append(step)
         picked += extra
     return sorted(set(picked))
 
@@ -290,6 +339,9 @@ def embedded_traces(runs: Sequence[Run], refs: Sequence[str], trace_steps: Seque
             notes.append("loss traces are not embedded (--max-trace-values 0)")
         return out, notes
     per_run = max_values // len(with_traces)
+    flagged_by_run: dict[int, set[int]] = {}
+    for f in flags:
+        flagged_by_run.setdefault(f.run, set()).add(f.step)
     kept = total = 0
     for i in with_traces:
         steps = trace_steps[i]
@@ -297,7 +349,7 @@ def embedded_traces(runs: Sequence[Run], refs: Sequence[str], trace_steps: Seque
         probe = trace_payload(runs[i], steps[-1], max(per_run // 2, 1), estimates)
         size = sum(len(c) for c in probe["chains"]) if probe else 1
         count = max(1, min(len(steps), per_run // max(size, 1)))
-        flagged = sorted({f.step for f in flags if f.run == i})
+        flagged = sorted(flagged_by_run.get(i, ()))
         chosen = steps if count >= len(steps) else _spread_pick(steps, count, flagged)
         out[refs[i]] = {}
         for step in chosen:
@@ -332,8 +384,13 @@ def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
                if not (isinstance(s, Mapping) and "start_step" in s and "end_step" in s)]
         if bad:
             notes.append(f"{name}: stage(s) {bad} lack start_step/end_step and are not drawn")
-    flag_rows = [{"run": f.run, "step": f.step, "what": _flag_label(f), "column": f.column,
-                  "value": f.value, "why": f.why} for f in flags[:MAX_FLAG_ROWS]]
+    found = problems(flags)
+    flag_rows = [{"run": p.run, "step": p.step, "what": _flag_label(p.first),
+                  "column": p.first.column, "value": p.first.value, "why": p.why}
+                 for p in found[:MAX_FLAG_ROWS]]
+    flagged_steps: dict[int, set[int]] = {}
+    for f in flags:
+        flagged_steps.setdefault(f.run, set()).add(f.step)
     return {
         "title": names[0] if len(runs) == 1 else f"Comparison of {len(runs)} runs",
         "generated": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -342,18 +399,18 @@ def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
             "color": run_color(i, len(runs)), "points": int(len(run.llc)),
             "last_step": int(run.llc["step"].max()) if len(run.llc) else None,
             "stages": len(run.stages), "trace_steps": trace_steps[i],
-            "flagged_steps": sorted({f.step for f in flags if f.run == i}),
+            "flagged_steps": sorted(flagged_steps.get(i, ())),
         } for i, run in enumerate(runs)],
         "main": llc_figure(runs, names, flags),
         "diagnostics": {
             "figure": diagnostics_figure(runs, names, flags),
-            "summary": flag_summary(flags, names),
+            "summary": flag_summary(found, names),
             "flags": flag_rows,
-            "more_flags": max(len(flags) - MAX_FLAG_ROWS, 0),
+            "more_flags": max(len(found) - MAX_FLAG_ROWS, 0),
             "table": llc_table(runs, names, flags),
         },
         "stages": stage_table(runs, names),
-        "settings": key_value_table([r.settings for r in runs], names),
+        "settings": settings_table(runs, names),
         "config": key_value_table([r.meta for r in runs], names),
         "traces": traces,
         "notes": notes,
