@@ -24,29 +24,26 @@ one trains. The run directory is the last line printed on stdout.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import importlib
 import inspect
 import itertools
-import logging
 import math
 import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
+from devinterp.cli import UsageError, apply_threads, thread_count
 
-from devinterp.cli import UsageError
-from devinterp.store import RunStore, load_run
+if TYPE_CHECKING:
+    import pandas as pd
 
 CONFIG_FILE = "config.yaml"
 DASHBOARD_FILE = "dashboard.html"
@@ -55,7 +52,8 @@ LOG_DIR = "logs"
 PROG = "devinterp run CONFIG.yaml"
 
 USAGE = """\
-usage: devinterp run CONFIG.yaml [--run-dir DIR] [--sweep KEY=V1,V2,...] [OVERRIDES ...]
+usage: devinterp run CONFIG.yaml [--run-dir DIR] [--sweep KEY=V1,V2,...] [--threads N]
+                                 [OVERRIDES ...]
 
 Train the experiment of CONFIG.yaml (a LightningCLI config) with λ̂ tracking, then detect
 stages and write the dashboard into the run directory (printed as the last line).
@@ -63,6 +61,9 @@ stages and write the dashboard into the run directory (printed as the last line)
   --run-dir DIR            where the run goes (default: runs/<config name>-<timestamp>)
   --sweep KEY=V1,V2,...    run once per value, each in DIR/KEY=V; repeat for a grid;
                            KEY is a config key (model.init_args.lr) or `seed`
+  --threads N              threads for torch, OpenMP and BLAS; overrides the config's
+                           torch_threads (default: the config's torch_threads, else torch's
+                           choice)
   OVERRIDES                LightningCLI overrides, e.g. --trainer.max_steps=100
                            --model.init_args.lr=0.1
 Keys: devinterp run CONFIG.yaml --help (trainer), --model.help CLASS_PATH (a model's),
@@ -78,6 +79,11 @@ class RunArgs:
     run_dir: Path | None = None
     sweeps: list[tuple[str, list[str]]] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+    threads: int | None = None
+
+
+#: The flags of ``devinterp run`` itself (everything else goes to LightningCLI), with an example.
+_OWN_FLAGS = {"--run-dir": "runs/my-run", "--sweep": "seed=0,1,2", "--threads": "1"}
 
 
 def parse_args(argv: list[str]) -> RunArgs | None:
@@ -91,16 +97,20 @@ def parse_args(argv: list[str]) -> RunArgs | None:
     rest = iter(argv[1:])
     for arg in rest:
         flag, eq, value = arg.partition("=")
-        if flag not in ("--run-dir", "--sweep"):
+        if flag not in _OWN_FLAGS:
             args.overrides.append(arg)
             continue
         if not eq:
             value = next(rest, "")
         if not value:
-            raise UsageError(f"{flag} needs a value, e.g. {flag} "
-                             + ("runs/my-run" if flag == "--run-dir" else "seed=0,1,2"))
+            raise UsageError(f"{flag} needs a value, e.g. {flag} {_OWN_FLAGS[flag]}")
         if flag == "--run-dir":
             args.run_dir = Path(value)
+        elif flag == "--threads":
+            try:
+                args.threads = thread_count(value)
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"{e}, e.g. --threads 1") from e
         else:
             args.sweeps.append(_parse_sweep(value))
     keys = [k for k, _ in args.sweeps]
@@ -125,12 +135,13 @@ _STRUCTURE = re.compile(
     r"|Not a valid subclass|Subclass types expect|- a |Expected a <class 'NoneType'>)")
 
 
-def condense_error(message: str) -> str:
+def condense_error(message: str, options: Sequence[str] = ()) -> str:
     """One line for a jsonargparse error: the full key that failed and what was wrong with it.
 
     jsonargparse nests its messages (``Parser key "model":`` > ``Problem with given class_path
     ...:`` > ``Parser key "lr":`` > the reason, plus alternatives tried for Union types); this
-    walks that tree and keeps the path of keys and the innermost reason.
+    walks that tree and keeps the path of keys and the innermost reason. ``options`` are the
+    parser's option strings: an unknown option is named with the closest of them.
     """
     if message.startswith("Problems parsing config"):
         text = re.sub(r'\s*in "<unicode string>",', " at", " ".join(message.split()))
@@ -141,7 +152,8 @@ def condense_error(message: str) -> str:
     if value and (m := re.match(r"^NestedArg\(key='[^']*', val=(.*)\)$", value)):
         value = m.group(1).strip("'\"")
     context = {"given": value,
-               "subtypes": _type_name(subtypes[-1]) if subtypes else None}
+               "subtypes": _type_name(subtypes[-1]) if subtypes else None,
+               "options": list(options)}
     path: list[tuple[int, str]] = []
     class_path = None
     for raw in message.splitlines():
@@ -172,7 +184,7 @@ def _type_name(text: str) -> str:
 
 
 def _explain(keys: list[str], reason: str, class_path: str | None,
-             context: dict[str, str | None]) -> str:
+             context: dict[str, Any]) -> str:
     """Phrase a failed key and its reason as 'problem; fix'."""
     dotted = ".".join(keys)
     if m := re.match(r"^Option '([^']+)' is not accepted", reason):
@@ -184,8 +196,14 @@ def _explain(keys: list[str], reason: str, class_path: str | None,
             "check the spelling against `devinterp run CONFIG.yaml --print_config`")
         return f"unknown config key {key!r}; {hint}"
     if m := re.match(r"^unrecognized arguments: (.*)$", reason):
-        return (f"unknown option(s) {m.group(1)}; check the spelling against "
-                "`devinterp run CONFIG.yaml --help` (overrides look like --trainer.max_steps=100)")
+        unknown = [a.partition("=")[0] for a in m.group(1).split() if a.startswith("--")]
+        close = [c for flag in unknown
+                 for c in difflib.get_close_matches(flag, context["options"], n=1, cutoff=0.8)]
+        hint = (f"did you mean {', '.join(close)}? " if len(close) == len(unknown) and close
+                else "")
+        return (f"unknown option(s) {m.group(1)}; {hint}check the spelling against "
+                "`devinterp run CONFIG.yaml --help` (overrides look like --trainer.max_steps=100; "
+                "options are never abbreviated)")
     if m := re.match(r"^Expected an? (.+?)\. Got value: (.*)$", reason):
         return (f"config key {dotted!r} must be {_type_name(m.group(1))}, got {m.group(2)!r}; "
                 "fix its value")
@@ -221,88 +239,6 @@ def _accepted(class_path: str | None) -> list[str]:
 
 
 # -- one run ---------------------------------------------------------------------------------------
-def _is_llc_callback(class_path: str) -> bool:
-    from devinterp.callback import LLCCallback
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return False
-    return isinstance(cls, type) and issubclass(cls, LLCCallback)
-
-
-class ExperimentCLI(LightningCLI):
-    """LightningCLI that keeps one run in one directory: its config, λ̂, logs and checkpoints.
-
-    Args:
-        args: LightningCLI arguments (``--config FILE`` and overrides).
-        run_dir: the run directory; None parses and validates only (nothing is built or written).
-    """
-
-    def __init__(self, args: list[str], run_dir: Path | None) -> None:
-        self.run_dir = run_dir
-        defaults: dict[str, Any] = {}
-        if run_dir is not None:
-            defaults = {"default_root_dir": str(run_dir), "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run_dir), "name": LOG_DIR, "version": ""}}}
-        # load_from_checkpoint_support would add `_class_path` / `_instantiator` to the module's
-        # hparams; without it they are exactly the init arguments, which is what rebuilds the
-        # module in `devinterp estimate` and in `load_from_checkpoint`.
-        super().__init__(save_config_callback=None, trainer_defaults=defaults,
-                         seed_everything_default=0,
-                         parser_kwargs={"exit_on_error": False, "prog": PROG},
-                         args=args, run=False, load_from_checkpoint_support=False)
-
-    def add_arguments_to_parser(self, parser: Any) -> None:
-        parser.add_argument(
-            "--torch_threads", type=int | None, default=None,
-            help="torch intra-op threads (torch.set_num_threads). Models of a few thousand "
-                 "parameters run several times faster on 1 (no thread wake-ups per tiny op, "
-                 "and no stall when another process holds a core). Default: torch's choice.")
-
-    def llc_callbacks(self) -> list[Any]:
-        """The config entries of ``trainer.callbacks`` that are LLCCallbacks."""
-        callbacks = self.config.trainer.get("callbacks") or []
-        if not isinstance(callbacks, list):
-            callbacks = [callbacks]
-        return [cb for cb in callbacks
-                if isinstance(cb.get("class_path"), str) and _is_llc_callback(cb.class_path)]
-
-    def before_instantiate_classes(self) -> None:
-        llc = self.llc_callbacks()
-        if not llc:
-            raise UsageError(
-                "the config has no devinterp.LLCCallback under trainer.callbacks, so there would "
-                "be no λ̂, stages or dashboard; add one, e.g. `callbacks: [{class_path: "
-                "devinterp.LLCCallback, init_args: {log_spaced: 30}}]` (see configs/)")
-        if len(llc) > 1:
-            raise UsageError(f"the config lists {len(llc)} LLCCallbacks under trainer.callbacks; "
-                             "keep one (they would share one run directory)")
-        if self.run_dir is None:
-            return
-        for cb in llc:
-            cb.init_args.dirpath = str(self.run_dir)
-        if self.config.get("torch_threads"):
-            torch.set_num_threads(self.config.torch_threads)
-
-    def after_instantiate_classes(self) -> None:
-        if self.run_dir is None:
-            return
-        # Only now, once every class was built: a config error leaves no directory behind.
-        RunStore(self.run_dir, create=True)
-        try:  # keep null values: the saved config must rebuild exactly this run
-            text = self.parser.dump(self.config, skip_unset=False)
-        except TypeError:  # jsonargparse < 4.49 names it skip_none
-            text = self.parser.dump(self.config, skip_none=False)
-        (self.run_dir / CONFIG_FILE).write_text(text)
-
-    def instantiate_classes(self) -> None:
-        if self.run_dir is not None:
-            super().instantiate_classes()
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """Silence warnings that say nothing to a user of ``devinterp run``."""
@@ -316,28 +252,37 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def build_cli(config: Path, overrides: list[str], run_dir: Path | None) -> ExperimentCLI:
-    """Parse (and with a ``run_dir``, build) the experiment; config errors become UsageError."""
-    from jsonargparse import ArgumentError
+def check_config(config: Path) -> None:
+    """The cheap checks of a config file, made before torch and Lightning are imported: it
+    exists and is a YAML mapping. Everything else is LightningCLI's to check."""
+    import yaml
 
     if not config.is_file():
         raise FileNotFoundError(f"config file {str(config)!r} not found; give the path of a YAML "
                                 "config, e.g. configs/quickstart.yaml")
-    seed_log = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_log.level
-    seed_log.setLevel(logging.WARNING)  # the seed goes into config.yaml, not onto the console
     try:
-        return ExperimentCLI(["--config", str(config), *overrides], run_dir)
-    except ArgumentError as e:
-        raise UsageError(condense_error(str(e))) from e
-    except (MisconfigurationException, ImportError) as e:  # e.g. accelerator=gpu, no GPU
-        raise UsageError(f"trainer settings: {e}; change them in the config or overrides "
-                         "(--debug shows where)") from e
-    except ValueError as e:  # a class refused its arguments; jsonargparse wraps that error
-        cause = e.__cause__ if isinstance(e.__cause__, (ValueError, TypeError)) else None
-        raise UsageError(str(cause) if cause else condense_error(str(e))) from e
-    finally:
-        seed_log.setLevel(level)
+        doc = yaml.safe_load(config.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"the config {str(config)!r} is not valid YAML ({problem}{where}); fix "
+                         "its syntax") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"the config {str(config)!r} is not a text file ({e}); give a YAML "
+                         "config") from e
+    if not isinstance(doc, dict):
+        raise UsageError(f"the config {str(config)!r} is not a mapping of keys (model:, trainer:, "
+                         "...); see configs/ for working examples")
+
+
+def build_cli(config: Path, overrides: list[str], run_dir: Path | None) -> Any:
+    """The experiment's LightningCLI, parsed (and with a ``run_dir``, built): torch and
+    Lightning are imported here, after the cheap checks."""
+    from devinterp._lightning_cli import build_cli as build
+
+    check_config(config)
+    return build(config, overrides, run_dir)
 
 
 def new_run_dir(config: Path, run_dir: Path | None) -> Path:
@@ -375,7 +320,7 @@ def write_stages_of(run_dir: Path) -> list[dict]:
             found = st.detect_stages(run_dir, method="auto")
         except ValueError as e:
             print(f"devinterp run: note: no stages detected: {e}", file=sys.stderr)
-            RunStore(run_dir).write_json(st.STAGES_FILE, {
+            st.RunStore(run_dir).write_json(st.STAGES_FILE, {
                 "method": st.DEFAULT_METHOD, "params": {}, "stages": [], "skipped": str(e)})
             return []
     for w in caught:
@@ -412,6 +357,8 @@ def _overrides(values: dict[str, str]) -> list[str]:
 
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Final training loss (and validation loss), final λ̂ and number of stages of a run."""
+    from devinterp.store import load_run
+
     run = load_run(run_dir)
     row: dict[str, Any] = {}
     for column, name in (("train_loss", "final_loss"), ("val_loss", "final_val_loss")):
@@ -424,6 +371,8 @@ def summarize(run_dir: Path) -> dict[str, Any]:
 
 
 def _last(values: pd.Series) -> float:
+    import pandas as pd
+
     finite = pd.to_numeric(values, errors="coerce").dropna()
     return float(finite.iloc[-1]) if len(finite) else math.nan
 
@@ -431,6 +380,10 @@ def _last(values: pd.Series) -> float:
 def run_sweep(config: Path, overrides: list[str], sweeps: list[tuple[str, list[str]]],
               run_dir: Path) -> Path:
     """Run every combination in ``run_dir/<name>``; write ``summary.csv`` and the comparison."""
+    import pandas as pd
+
+    from devinterp.store import RunStore
+
     points = sweep_points(sweeps)
     with _quiet():
         for name, values in points:  # fail on a bad value before anything trains
@@ -456,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if args is None:
         print(USAGE)
         return 0
+    if args.threads is not None:  # the config's torch_threads gives way, and the saved config says so
+        args.overrides.append(f"--torch_threads={args.threads}")
     try:
         if any(a in ("-h", "--help", "--print_config") or a.startswith("--print_config=")
                or a.endswith(".help") for a in args.overrides):
@@ -463,7 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             with _quiet():
                 build_cli(args.config, args.overrides, None)
             return 0
+        # Every check that needs no torch comes first: a typo costs no heavy imports.
+        check_config(args.config)
         run_dir = new_run_dir(args.config, args.run_dir)
+        apply_threads(args.threads)  # before torch is imported, so it starts with that many
         if args.sweeps:
             run_sweep(args.config, args.overrides, args.sweeps, run_dir)
         else:

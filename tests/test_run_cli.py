@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -345,3 +346,75 @@ def test_apply_threads_before_torch_is_imported_sizes_it_at_import(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["1", "1"]
+
+
+# -- cheap errors come before the heavy imports; no abbreviated options ---------------------------
+#: Runs `devinterp run ARGV...` as the console script does, then reports what it had imported.
+_PROBE = """\
+import json, sys
+from devinterp.cli import main
+code = main(["run", *sys.argv[1:]])
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning"))
+print(json.dumps({"code": code, "heavy": heavy, "run": "devinterp.experiment" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("case", ["missing", "invalid_yaml", "not_empty", "bad_threads",
+                                  "bad_sweep"])
+def test_cheap_errors_are_reported_before_torch_or_lightning_is_imported(tmp_path, case):
+    """A fresh process runs the command and then lists the modules it has imported: the command
+    must have failed with its one line, having gone through devinterp.experiment, with neither
+    torch nor lightning in sys.modules (they take most of a minute to import on a busy CPU)."""
+    good = tmp_path / "good.yaml"
+    good.write_text(TINY)
+    (tmp_path / "bad.yaml").write_text("model:\n  class_path: [unclosed\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    argv, expected = {
+        "missing": (["nope.yaml"], "'nope.yaml' not found"),
+        "invalid_yaml": (["bad.yaml"], "is not valid YAML"),
+        "not_empty": ([str(good), "--run-dir", "full"], "exists and is not empty"),
+        "bad_threads": ([str(good), "--threads", "0"], "--threads must be a positive integer"),
+        "bad_sweep": ([str(good), "--sweep", "seed"], "is not KEY=V1,V2"),
+    }[case]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *argv], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    errors = proc.stderr.strip().splitlines()
+    assert report["code"] == 2 and report["run"]
+    assert len(errors) == 1 and errors[0].startswith("devinterp run: error: "), errors
+    assert expected in errors[0]
+    assert report["heavy"] == []
+
+
+def test_an_abbreviated_option_is_an_error_that_names_the_full_one(capsys, config, tmp_path):
+    """argparse would take --trainer.max_step as --trainer.max_steps and run: refused."""
+    line = _one_line_error(capsys, str(config), "--run-dir", str(tmp_path / "r"),
+                           "--trainer.max_step=100")
+    assert "unknown option(s) --trainer.max_step=100" in line
+    assert "did you mean --trainer.max_steps?" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_threads_flag_overrides_the_configs_torch_threads(capsys, config, tmp_path, monkeypatch):
+    import torch
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from devinterp.cli import THREAD_ENV
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    config.write_text("torch_threads: 1\n" + TINY)
+    before = torch.get_num_threads()
+    pools = {p["prefix"]: p["num_threads"] for p in threadpool_info()}
+    try:
+        code, _, _ = run(capsys, str(config), "--run-dir", str(tmp_path / "t"), "--threads", "2",
+                         "--trainer.max_steps=6", "--trainer.callbacks.init_args.log_spaced=5")
+        assert code == 0 and torch.get_num_threads() == 2
+        assert os.environ["OMP_NUM_THREADS"] == "2"
+        assert yaml.safe_load((tmp_path / "t" / "config.yaml").read_text())["torch_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+        threadpool_limits(pools)
