@@ -151,7 +151,9 @@ def test_single_run_page_draws_offline(browser: Any, single_html: Path, tmp_path
     # The run's name is shown as text, everywhere, and ran nothing.
     assert w.page.inner_text("h1") == MALICIOUS
     assert w.page.title().startswith(MALICIOUS)
-    assert w.page.locator("#banner li").count() == 3
+    # Diverged chains and R-hat; the estimator's R-hat warning is the same problem, listed once.
+    assert w.page.locator("#banner li").count() == 2
+    assert w.page.locator("#flag-table tbody tr").count() == 2
     assert w.page.locator("#stage-table td.stage-B").count() == 1
     shot = tmp_path / "dashboard.png"
     w.page.screenshot(path=str(shot), full_page=True)
@@ -275,3 +277,154 @@ def test_screenshot_tool_writes_a_png(browser: Any, tmp_path: Path) -> None:
     data = out.read_bytes()
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and width > 1000 and 500 < height < 1500
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout defects (issue 18): each one drawn, measured in the page, and screenshotted
+# ----------------------------------------------------------------------------------------------
+#: Bounding boxes (page pixels) of the SVG text elements matching a selector inside a figure.
+TEXT_BOXES = """([id, selector]) => Array.from(
+    document.getElementById(id).querySelectorAll(selector)).map(e => {
+  const r = e.getBoundingClientRect();
+  return {text: e.textContent, left: r.left, right: r.right, top: r.top, bottom: r.bottom};
+})"""
+
+
+def text_boxes(w: Watched, element_id: str, selector: str) -> list[dict]:
+    return w.page.evaluate(TEXT_BOXES, [element_id, selector])
+
+
+def overlapping(boxes: list[dict]) -> list[tuple[str, str]]:
+    """Pairs of boxes that overlap (by more than a pixel each way)."""
+    out = []
+    for k, a in enumerate(boxes):
+        for b in boxes[k + 1:]:
+            if (min(a["right"], b["right"]) - max(a["left"], b["left"]) > 1
+                    and min(a["bottom"], b["bottom"]) - max(a["top"], b["top"]) > 1):
+                out.append((a["text"], b["text"]))
+    return out
+
+
+def open_file(browser: Any, html_text: str, path: Path) -> Watched:
+    path.write_text(html_text, encoding="utf-8")
+    w = Watched(browser, ("file://",))
+    w.open(path.as_uri())
+    return w
+
+
+def shoot(w: Watched, path: Path) -> None:
+    w.page.locator("#overview").screenshot(path=str(path))
+    assert path.stat().st_size > 20_000
+
+
+def test_comparison_without_stages_keeps_the_step_axis(browser: Any, tmp_path: Path) -> None:
+    dirs = [write_run(tmp_path / f"r{k}", name=f"r{k}", stages=[], seed=k) for k in range(2)]
+    w = open_file(browser, build_html(dirs), tmp_path / "nostages.html")
+    labels = [b["text"] for b in text_boxes(w, "fig-main", ".xaxislayer-above text")
+              if b["bottom"] > b["top"]]
+    assert {"1", "10", "100", "1000", "10k"} <= set(labels)
+    titles = [b["text"] for b in text_boxes(w, "fig-main", ".infolayer text")]
+    assert titles.count("training step + 1 (log scale)") == 1
+    shoot(w, tmp_path / "nostages.png")
+    w.assert_clean()
+    w.close()
+
+
+def test_stage_lanes_show_whole_run_names(browser: Any, tmp_path: Path) -> None:
+    names = ["seed-0-lr-0.001-width-512", "a much longer run name than fits in a lane", "s"]
+    dirs = [write_run(tmp_path / f"r{k}", name=n, seed=k) for k, n in enumerate(names)]
+    w = open_file(browser, build_html(dirs), tmp_path / "lanes.html")
+    figure_left = w.page.evaluate(
+        "() => document.getElementById('fig-main').getBoundingClientRect().left")
+    lanes = text_boxes(w, "fig-main", ".yaxislayer-above .y3tick text")
+    assert [b["text"] for b in lanes] == [names[0], "…" + names[1][-27:], "s"]
+    assert all(b["left"] >= figure_left for b in lanes), lanes
+    assert overlapping(lanes) == []
+    shoot(w, tmp_path / "lanes.png")
+    w.assert_clean()
+    w.close()
+
+
+def test_an_outlier_at_step_zero_does_not_flatten_the_curve(browser: Any,
+                                                            tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    for k, step in enumerate(STEPS):
+        store.write_llc_row({"step": step, "llc_mean": -250.0 if step == 0 else 5.0 + k,
+                             "llc_std": 0.3})
+    store.write_metrics([{"step": s, "train_loss": 1.0 / (1 + s)} for s in STEPS])
+    w = open_file(browser, build_html([store.path]), tmp_path / "outlier.html")
+    fig = w.figure("fig-main")
+    lo, hi = fig["axes"]["yaxis2"]["range"]
+    assert 4 < lo < 5.7 and 9.3 < hi < 11  # the curve 6..9 (± 0.3) fills the panel
+    assert "llc-offscale" in fig["kinds"]
+    shoot(w, tmp_path / "outlier.png")
+    w.assert_clean()
+    w.close()
+
+
+@pytest.mark.parametrize("decades", [1.5, 4, 9, 20])
+def test_log_loss_axis_labels_never_collide(browser: Any, tmp_path: Path,
+                                            decades: float) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    steps = list(range(0, 10001, 100))
+    store.write_metrics([{"step": s, "train_loss": 10 ** (-decades * s / 10000)}
+                         for s in steps])
+    store.write_llc_row({"step": 0, "llc_mean": 1.0, "llc_std": 0.1})
+    w = open_file(browser, build_html([store.path]), tmp_path / "loss.html")
+    assert w.figure("fig-main")["axes"]["yaxis"]["type"] == "log"
+    ticks = [b for b in text_boxes(w, "fig-main", ".yaxislayer-above .ytick text")
+             if b["bottom"] > b["top"]]
+    assert len(ticks) >= 2 and overlapping(ticks) == []
+    shoot(w, tmp_path / f"loss{decades}.png")
+    w.assert_clean()
+    w.close()
+
+
+def test_empty_run_page_placeholders_do_not_overlap(browser: Any, tmp_path: Path) -> None:
+    """A run that has just started (settings.json only), as the server shows it."""
+    from devinterp.dashboard import build_page, render_html
+    from devinterp.store import load_run
+
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_json("settings.json", {"num_chains": 4})
+    html_text = render_html(build_page([load_run(store.path)]))
+    w = open_file(browser, html_text, tmp_path / "empty.html")
+    notes = text_boxes(w, "fig-main", ".annotation-text")
+    assert sorted(b["text"] for b in notes) == ["no loss logged in metrics.csv",
+                                                "no λ̂ estimated yet"]
+    assert overlapping(notes) == []
+    shoot(w, tmp_path / "empty.png")
+    w.assert_clean()
+    w.close()
+
+
+def test_settings_show_the_values_used(browser: Any, tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    for k, step in enumerate(STEPS):
+        store.write_llc_row({"step": step, "llc_mean": 1.0 + k, "llc_std": 0.1,
+                             "nbeta": 144.8, "step_size": 0.006 + 0.001 * k})
+    store.write_json("settings.json", {"num_chains": 4, "nbeta": None, "step_size": None,
+                                       "chain_chunk_size": None})
+    w = open_file(browser, build_html([store.path]), tmp_path / "settings.html")
+    cells = w.page.evaluate("""() => Object.fromEntries(Array.from(
+        document.querySelectorAll('#settings-table tbody tr')).map(
+        tr => [tr.cells[0].textContent, tr.cells[1].textContent]))""")
+    assert cells == {"num_chains": "4", "nbeta": "auto: 144.8",
+                     "step_size": "auto: 0.006–0.01 (median 0.008 over 5 estimates)",
+                     "chain_chunk_size": "default"}
+    w.assert_clean()
+    w.close()
+
+
+def test_index_shows_a_bad_run_in_place(browser: Any, served: DashboardServer) -> None:
+    bad = served.root / "exp" / "broken"
+    bad.mkdir()
+    (bad / "llc.csv").write_text("step,llc_mean\nnot-a-step,1\n")
+    w = Watched(browser, (served.url,))
+    w.open(served.url)
+    assert w.page.locator("#run-table a").count() == 2  # the good runs, still links
+    row = w.page.locator("#run-table tr.error")
+    assert row.count() == 1 and "exp/broken" in row.inner_text()
+    assert "not-a-step" in row.inner_text()  # what is wrong with it
+    w.assert_clean()
+    w.close()

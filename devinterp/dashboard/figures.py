@@ -161,6 +161,7 @@ HEALTH_RULES: tuple[HealthRule, ...] = (
                "or a larger localization)", warning_marker="λ̂ trace still drifts"),
 )
 _RULES = {r.column: r for r in HEALTH_RULES}
+_RULE_ORDER = {r.column: k for k, r in enumerate(HEALTH_RULES)}
 NOT_FINITE_WHY = "λ̂ is not finite: the chains diverged or the loss at w* is not finite"
 
 
@@ -309,12 +310,12 @@ def problems(flags: Sequence[Flag]) -> list[Problem]:
                 joined[id(w)], why[id(w)] = [w], w.why
                 rules.append(w)
                 continue
-            head = hits[0]
+            head = min(hits, key=lambda f: _RULE_ORDER[column_key(f.column)])
             if why[id(head)] == head.why:
                 why[id(head)] = w.why
             joined[id(head)].append(w)
-            for other in hits[1:]:  # one warning, several rules (λ̂ < 0 and draws below w*)
-                if id(other) in joined:
+            for other in hits:  # one warning, several rules (λ̂ < 0 and draws below w*)
+                if other is not head and id(other) in joined:
                     joined[id(head)] += joined.pop(id(other))
         for f in rules:
             if id(f) in joined:
@@ -630,23 +631,25 @@ def _flag_points(runs: Sequence[Run], flags: Sequence[Flag]) -> dict | None:
 
 
 def llc_axis_range(runs: Sequence[Run]) -> tuple[list[float], list[tuple[int, int, float]]] | None:
-    """A λ̂ axis range that leaves out far outliers, and those outliers ``(run, step, λ̂)``.
+    """A λ̂ axis range that leaves out far negative outliers, and those outliers
+    ``(run, step, λ̂)``; None when there are none (the axis then scales itself).
 
-    A λ̂ of -250 at initialization next to a curve between 5 and 10 would flatten the curve on
-    a linear axis. Values beyond 3 interquartile ranges of the middle half are outliers (none
-    while fewer than 8 estimates exist); None when there are none (the axis scales itself).
+    A λ̂ of -250 at initialization (w* not a minimum yet) next to a curve between 5 and 10
+    would flatten the curve on a linear axis. Only negative values are left out: λ̂ < 0 is
+    already a failed estimate (flagged), while a large positive λ̂ may be a real jump. They must
+    lie more than 3 interquartile ranges below the lower quartile (and there must be at least
+    5 estimates to have quartiles).
     """
     points = [(i, int(s), float(v)) for i, r in enumerate(runs)
               for s, v in zip(r.llc["step"].tolist(),
                               np.asarray(r.llc["llc_mean"], dtype=np.float64).tolist(),
                               strict=True) if math.isfinite(v)]
-    if len(points) < 8:
+    if len(points) < 5:
         return None
     values = np.array([v for _, _, v in points])
     q1, q3 = np.percentile(values, [25, 75])
-    reach = 3 * max(q3 - q1, 1e-9 * max(abs(q1), abs(q3), 1.0))
-    lo, hi = q1 - reach, q3 + reach
-    outliers = [p for p in points if not lo <= p[2] <= hi]
+    lo = min(0.0, q1 - 3 * (q3 - q1))
+    outliers = [p for p in points if p[2] < lo]
     if not outliers:
         return None
     keep_lo, keep_hi = [], []
@@ -654,7 +657,7 @@ def llc_axis_range(runs: Sequence[Run]) -> tuple[list[float], list[tuple[int, in
         llc = r.llc[["llc_mean", "llc_std"]].to_numpy(dtype=np.float64)
         mean = llc[:, 0]
         std = np.nan_to_num(llc[:, 1])
-        inside = np.isfinite(mean) & (mean >= lo) & (mean <= hi)
+        inside = np.isfinite(mean) & (mean >= lo)
         keep_lo += (mean - std)[inside].tolist()
         keep_hi += (mean + std)[inside].tolist()
     y0, y1 = min(keep_lo), max(keep_hi)
@@ -664,21 +667,18 @@ def llc_axis_range(runs: Sequence[Run]) -> tuple[list[float], list[tuple[int, in
 
 def _offscale_trace(outliers: list[tuple[int, int, float]], y_range: list[float],
                     names: Sequence[str]) -> dict:
-    """Triangles at the edge of the λ̂ axis where an outlier lies beyond it."""
+    """Triangles at the bottom of the λ̂ axis where an outlier lies below it."""
     inset = 0.02 * (y_range[1] - y_range[0])
     return {
         "type": "scatter", "mode": "markers", "xaxis": "x2", "yaxis": "y2",
         "x": [s + 1 for _, s, _ in outliers],
-        "y": [y_range[0] + inset if v < y_range[0] else y_range[1] - inset
-              for _, _, v in outliers],
+        "y": [y_range[0] + inset] * len(outliers),
         "customdata": [[i, s] for i, s, _ in outliers],
         "hovertext": [plot_text(f"{names[i]} · step {s}: λ̂ = {v:.4g}, off the axis "
                                 "(double-click the plot to show every point)")
                       for i, s, v in outliers],
         "hoverinfo": "text", "name": "λ̂ off the axis",
-        "marker": {"symbol": ["triangle-down" if v < y_range[0] else "triangle-up"
-                              for _, _, v in outliers],
-                   "size": 11, "color": FLAG_COLOR},
+        "marker": {"symbol": "triangle-down", "size": 11, "color": FLAG_COLOR},
         "meta": {"kind": "llc-offscale", "run": -1},
     }
 
