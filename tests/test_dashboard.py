@@ -520,3 +520,128 @@ def test_log_to_wandb_attaches_the_page_offline(run_dir: Path, tmp_path: Path,
     text = files[0].read_text(encoding="utf-8")
     assert "app.wandb.ai" not in text  # no injected stylesheet: the page stays offline
     assert embedded(text, "dashboard-data")["title"] == "run"
+
+
+# ----------------------------------------------------------------------------------------------
+# One problem per diagnostic; ESS per chain; values used; λ̂ outliers; log loss ticks
+# ----------------------------------------------------------------------------------------------
+#: Warnings as the estimator words them, one per diagnostic that the dashboard also judges.
+ESTIMATOR_WARNINGS = {
+    "num_diverged": "2 of 4 chains diverged and were left out of the mean; a smaller "
+                    "step_size avoids this",
+    "rhat": "split R-hat is 1.50 (> 1.1): chains disagree or have not mixed; use more draws",
+    "mala_acceptance": "MALA acceptance is 0.31 (healthy is ~0.9): the step size is too large",
+    "frac_below_baseline": "77% of draws have a loss below the loss at w* and λ̂ is negative: "
+                           "w* is probably not a local minimum",
+    "drift": "the λ̂ trace still drifts up (+6.0 spreads between halves): increase num_burnin",
+}
+
+
+@pytest.mark.parametrize("column", sorted(ESTIMATOR_WARNINGS))
+def test_a_violation_and_its_warning_are_one_problem(tmp_path: Path, column: str) -> None:
+    from devinterp.dashboard.figures import problems
+
+    bad = {"num_diverged": 2, "rhat": 1.5, "mala_acceptance": 0.31,
+           "frac_below_baseline": 0.77, "drift": 6.0}
+    row = {"step": 5, "llc_mean": 2.0, "llc_std": 0.1, column: bad[column],
+           "warnings": ESTIMATOR_WARNINGS[column] + " | an unrelated warning"}
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_llc_row(row)
+    flags = health_flags(load_run(store.path).llc)
+    found = problems(flags)
+    assert [(p.first.column, p.why) for p in found] == [
+        (column, ESTIMATOR_WARNINGS[column]), ("warnings", "an unrelated warning")]
+    assert sum(len(p.flags) for p in found) == len(flags) == 3
+
+
+def test_negative_llc_and_its_draws_below_baseline_are_one_problem(tmp_path: Path) -> None:
+    from devinterp.dashboard.figures import problems
+
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_llc_row({"step": 0, "llc_mean": -2.9, "llc_std": 1.0,
+                         "frac_below_baseline": 0.77,
+                         "warnings": ESTIMATOR_WARNINGS["frac_below_baseline"]})
+    found = problems(health_flags(load_run(store.path).llc))
+    assert len(found) == 1 and found[0].first.column == "llc_mean"
+    assert {f.column for f in found[0].flags} == {"llc_mean", "frac_below_baseline",
+                                                  "warnings"}
+    page = build_page([load_run(store.path)])
+    assert [s["what"] for s in page["diagnostics"]["summary"]] == ["negative λ̂"]
+
+
+@pytest.mark.parametrize(("chains", "diverged", "ess", "flagged"), [
+    (4, 0, 39.9, True), (4, 0, 40.0, False), (4, 0, 130.0, False),  # the quickstart plateau
+    (8, 0, 79.0, True), (8, 4, 41.0, False),  # diverged chains do not count
+])
+def test_ess_is_judged_per_chain(tmp_path: Path, chains: int, diverged: int, ess: float,
+                                 flagged: bool) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_llc_row({"step": 1, "llc_mean": 1.0, "llc_std": 0.1, "ess": ess,
+                         "num_chains": chains, "num_diverged": diverged})
+    flags = [f for f in health_flags(load_run(store.path).llc) if f.column == "ess"]
+    assert bool(flags) == flagged
+    fig = diagnostics_figure([load_run(store.path)], ["r"])
+    captions = [a["text"].split()[0] for a in fig["layout"]["annotations"]]
+    panel = captions.index("ess")
+    lines = [s["y0"] for s in fig["layout"]["shapes"] if s["name"] == f"threshold:{panel}"]
+    assert lines == [10.0 * (chains - diverged)]
+
+
+def test_settings_left_automatic_show_the_values_used(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    store.upsert_rows("llc.csv", [{"step": s, "llc_mean": 1.0, "llc_std": 0.1, "nbeta": 144.8,
+                                   "step_size": [0.006, 0.007, 0.009][k], "sampler": "sgld"}
+                                  for k, s in enumerate([0, 10, 20])])
+    store.write_json(SETTINGS_FILE, {"num_chains": 4, "nbeta": None, "step_size": None,
+                                     "sampler": None, "vectorize": None,
+                                     "schedule": {"steps": None}})
+    rows = dict(build_page([load_run(store.path)])["settings"]["rows"])
+    assert rows == {"num_chains": "4", "nbeta": "auto: 144.8",
+                    "step_size": "auto: 0.006–0.009 (median 0.007 over 3 estimates)",
+                    "sampler": "auto: sgld", "vectorize": "default",
+                    "schedule.steps": "default"}
+
+
+def test_llc_axis_leaves_out_a_far_negative_outlier_only(tmp_path: Path) -> None:
+    def figure(values: list[float]) -> dict:
+        store = RunStore(tmp_path / f"r{len(list(tmp_path.iterdir()))}", create=True)
+        store.upsert_rows("llc.csv", [{"step": s, "llc_mean": v, "llc_std": 0.5}
+                                      for s, v in zip(STEPS, values, strict=True)])
+        return llc_figure([load_run(store.path)], ["r"])
+
+    fig = figure([-250.0, 6.0, 7.0, 8.0, 9.0])
+    assert fig["layout"]["yaxis2"]["range"] == pytest.approx([5.5 - 0.32, 9.5 + 0.32])
+    off = next(t for t in fig["data"] if t["meta"]["kind"] == "llc-offscale")
+    assert off["customdata"] == [[0, 0]] and "-250" in off["hovertext"][0]
+    assert off["y"][0] == pytest.approx(5.18 + 0.02 * 4.64)
+    # A real jump up, a mild negative start, or too few points: the axis scales itself.
+    for values in ([2.0, 2.0, 2.0, 2.0, 300.0], [-3.0, 1.0, 4.0, 7.0, 8.0],
+                   [-250.0, 6.0, 7.0, 8.0, 9.0][1:] + [float("nan")]):
+        fig = figure(values)
+        assert "range" not in fig["layout"]["yaxis2"]
+        assert "llc-offscale" not in kinds(fig)
+
+
+@pytest.mark.parametrize(("decades", "dtick"), [(1.5, "D2"), (2, "D2"), (3, 1), (8, 1),
+                                                (9, 2), (20, 3)])
+def test_log_loss_axis_thins_its_ticks(decades: float, dtick: object) -> None:
+    from devinterp.dashboard.figures import loss_axis_ticks
+
+    assert loss_axis_ticks([1.0, 10.0 ** -decades]) == {"dtick": dtick}
+
+
+def test_comparison_without_stages_has_no_lane(tmp_path: Path) -> None:
+    runs = [load_run(write_run(tmp_path / f"r{k}", stages=[], seed=k)) for k in range(2)]
+    layout = llc_figure(runs, ["a", "b"])["layout"]
+    assert "xaxis3" not in layout and "yaxis3" not in layout
+    assert layout["xaxis2"]["title"]["text"] == "training step + 1 (log scale)"
+    assert layout["xaxis2"].get("showticklabels", True)
+
+
+def test_empty_panels_place_their_notes_apart(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_json(SETTINGS_FILE, {"num_chains": 4})
+    fig = llc_figure([load_run(store.path)], ["r"])
+    notes = [a for a in fig["layout"]["annotations"] if a.get("name") == "empty"]
+    assert len(notes) == 2 and {a["yref"] for a in notes} == {"paper"}
+    assert abs(notes[0]["y"] - notes[1]["y"]) > 0.3
