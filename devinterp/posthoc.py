@@ -183,6 +183,7 @@ def estimate_run(
     overrides = check_options(estimator_kwargs(options))
     store = RunStore(run_dir)
     meta = _read_meta(store)
+    redirected = out is None and _default_out(store, out) is not None
     out = _default_out(store, out)
     target = store if out is None else _output_store(store, Path(out), meta)
     report = EstimateReport(target.path)
@@ -244,6 +245,10 @@ def estimate_run(
             if not settings_recorded:
                 _record_settings(target, the_options, template)
                 settings_recorded = True
+                if redirected:
+                    print(f"devinterp estimate: {store.path} holds Lightning checkpoints; "
+                          f"writing λ̂ to the run directory {target.path} (--out DIR to choose "
+                          "another)", file=sys.stderr, flush=True)
             if row["status"] == "ok":
                 report.estimated.append(src.step)
             else:
@@ -385,10 +390,7 @@ def _default_out(store: RunStore, out: str | os.PathLike | None) -> str | os.Pat
         return out
     if not any(store.path.rglob("*.ckpt")):
         return out
-    sibling = store.path.resolve().parent / f"{store.path.resolve().name}-llc"
-    print(f"devinterp estimate: {store.path} holds Lightning checkpoints; writing λ̂ to the run "
-          f"directory {sibling} (--out DIR to choose another)", file=sys.stderr, flush=True)
-    return sibling
+    return store.path.resolve().parent / f"{store.path.resolve().name}-llc"
 
 
 def _output_store(source: RunStore, out: Path, meta: Mapping[str, Any]) -> RunStore:
