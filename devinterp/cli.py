@@ -16,7 +16,7 @@ from collections.abc import Callable
 COMMANDS = {
     "run": ("devinterp.experiment", "train a config-driven experiment with the LLC callback"),
     "estimate": ("devinterp.posthoc", "estimate λ̂ for the snapshots of a run directory"),
-    "stages": ("devinterp.stages", "detect developmental stages in a run's λ̂ curve"),
+    "stages": ("devinterp.stages_cli", "detect developmental stages in a run's λ̂ curve"),
     "dashboard": ("devinterp.dashboard", "write or serve the dashboard of one or many runs"),
 }
 
@@ -46,7 +46,7 @@ class ArgumentParser(argparse.ArgumentParser):
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
-def _thread_count(text: str) -> int:
+def thread_count(text: str) -> int:
     """argparse type of ``--threads``: a positive integer, or a one-line error saying so."""
     try:
         n = int(text)
@@ -63,7 +63,7 @@ def add_threads_argument(parser: argparse.ArgumentParser, *, default: str = "the
     ``default`` says in the help what the command does without it. Pass the parsed value to
     :func:`apply_threads`."""
     parser.add_argument(
-        "--threads", type=_thread_count, default=None, metavar="N",
+        "--threads", type=thread_count, default=None, metavar="N",
         help="threads for torch, OpenMP and BLAS (torch.set_num_threads and the "
              f"OMP/MKL/OpenBLAS pools); default: {default}")
 

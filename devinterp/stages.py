@@ -38,11 +38,8 @@ quantiles of where the flattest point falls over draws of the slope from the fit
 from __future__ import annotations
 
 import abc
-import inspect
-import json
 import math
 import os
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,7 +56,6 @@ from scipy.linalg import cho_solve, solve_triangular
 from scipy.optimize import minimize
 from threadpoolctl import threadpool_limits
 
-from devinterp.cli import ArgumentParser
 from devinterp.store import STAGES_FILE, Run, RunStore, load_run
 
 MIN_CHECKPOINTS = 5
@@ -383,7 +379,7 @@ class _Detector(abc.ABC):
 
     def __init__(self, *, min_stage_length: float, min_change: float, plateau_ratio: float,
                  significance: float, grid_size: int, min_stage_checkpoints: int,
-                 min_change_se: float, max_points: int | None) -> None:
+                 min_change_se: float, max_points: int | None, threads: int) -> None:
         if not min_stage_length >= 0:
             raise ValueError(f"min_stage_length must be >= 0 decades of log-step, got "
                              f"{min_stage_length}")
@@ -404,6 +400,8 @@ class _Detector(abc.ABC):
         if max_points is not None and (not isinstance(max_points, int) or max_points < 10):
             raise ValueError(f"max_points must be an integer >= 10 or None (no binning), got "
                              f"{max_points!r}")
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.min_stage_length = float(min_stage_length)
         self.min_change = float(min_change)
         self.plateau_ratio = float(plateau_ratio)
@@ -412,11 +410,13 @@ class _Detector(abc.ABC):
         self.min_stage_checkpoints = min_stage_checkpoints
         self.min_change_se = float(min_change_se)
         self.max_points = max_points
+        self.threads = threads
 
     @property
     def params(self) -> dict[str, Any]:
-        """The constructor arguments (recorded in stages.json)."""
-        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
+        """The constructor arguments that decide the stages (recorded in stages.json): all but
+        ``threads``, which only decides how fast they are found."""
+        return {k: v for k, v in vars(self).items() if not k.endswith("_") and k != "threads"}
 
     @abc.abstractmethod
     def _profile(self, x: np.ndarray, y: np.ndarray, rel_sd: np.ndarray) -> Profile:
@@ -453,9 +453,10 @@ class _Detector(abc.ABC):
         self.noise_ = estimate_noise(pts.x, pts.y, pts.rel_sd)
         self.standard_errors_ = pts.standard_errors
         self.loss_ = pts.loss
-        # The matrices are at most a few hundred wide: BLAS threads cannot speed them up, and
-        # on a busy machine their spin-waiting makes each factorisation hundreds of times slower.
-        with threadpool_limits(1, user_api="blas"):
+        # The matrices are at most about a thousand wide: on a busy machine spin-waiting BLAS
+        # threads make each factorisation many times slower (100k rows on 2 busy cores: 1.8 s on
+        # one thread, 32 s on two), so `threads` defaults to 1.
+        with threadpool_limits(self.threads, user_api="blas"):
             self.profile_ = (_flat_profile(pts.x, pts.y) if np.ptp(pts.y) == 0
                              else self._profile(pts.x, pts.y, pts.rel_sd))
         return self
@@ -478,7 +479,7 @@ class _Detector(abc.ABC):
         for k, b in enumerate(keep):
             lo = edges[k] + int(np.argmax(a[edges[k]:b + 1]))
             hi = b + int(np.argmax(a[b:edges[k + 2] + 1]))
-            with threadpool_limits(1, user_api="blas"):
+            with threadpool_limits(self.threads, user_api="blas"):
                 i, j = _milestone_range(p, b, lo, hi, rng)
             step = self._snap(p.x[b])
             bounds.append(step)
@@ -542,17 +543,18 @@ class CriticalPoints(_Detector):
         max_points: longer curves are first binned to this many points, equally wide in
             log-step (the first and last checkpoint kept as they are), which bounds memory and
             time (the GP's are quadratic and cubic in the points); None fits every checkpoint.
+        threads: BLAS threads for the fit (1 is fastest at these sizes on a busy machine).
     """
 
     def __init__(self, *, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
                  min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
                  lengthscale: float | None = None, grid_size: int = 600,
-                 max_points: int | None = MAX_POINTS) -> None:
+                 max_points: int | None = MAX_POINTS, threads: int = 1) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
                          grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints,
-                         min_change_se=min_change_se, max_points=max_points)
+                         min_change_se=min_change_se, max_points=max_points, threads=threads)
         if lengthscale is not None and not lengthscale > 0:
             raise ValueError(f"lengthscale must be > 0 decades, got {lengthscale}")
         self.lengthscale = lengthscale
@@ -710,18 +712,19 @@ class ChangePoints(_Detector):
         min_size: fewest checkpoints per segment (at least 3: a line and one degree of freedom).
         joint: segment λ̂ and the loss together (the loss must be known at every checkpoint).
         min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
-            min_change_se, grid_size, max_points: as in :class:`CriticalPoints`.
+            min_change_se, grid_size, max_points, threads: as in :class:`CriticalPoints`.
     """
 
     def __init__(self, *, algorithm: str = "pelt", pen: float | None = None, min_size: int = 3,
                  joint: bool = False, min_stage_length: float = 0.05, min_change: float = 0.005,
                  plateau_ratio: float = 0.5, significance: float = 3.0,
                  min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
-                 grid_size: int = 600, max_points: int | None = MAX_POINTS) -> None:
+                 grid_size: int = 600, max_points: int | None = MAX_POINTS,
+                 threads: int = 1) -> None:
         super().__init__(min_stage_length=min_stage_length, min_change=min_change,
                          plateau_ratio=plateau_ratio, significance=significance,
                          grid_size=grid_size, min_stage_checkpoints=min_stage_checkpoints,
-                         min_change_se=min_change_se, max_points=max_points)
+                         min_change_se=min_change_se, max_points=max_points, threads=threads)
         if algorithm not in ("pelt", "binseg"):
             raise ValueError(f"algorithm must be 'pelt' or 'binseg', got {algorithm!r}")
         if pen is not None and not pen > 0:
@@ -1028,7 +1031,8 @@ def detect_and_write(run_dir: str | os.PathLike) -> list[dict]:
             stages = detect_stages(run_dir)
     except ValueError:
         return []
-    write_stages(run_dir, stages, method=DEFAULT_METHOD, params={})
+    write_stages(run_dir, stages, method=DEFAULT_METHOD,
+                 params=make_detector(DEFAULT_METHOD).params)
     return stages
 
 
@@ -1049,60 +1053,3 @@ def format_table(stages: list[dict]) -> str:
         rows.append(f"{s['stage']:>5} {s['type']:>4} {s['start_step']:>9,} {s['end_step']:>9,} "
                     f"{rng:>21} {s['llc_change']:>+11.4g} {dloss:>11}")
     return "\n".join(rows)
-
-
-#: Detector options on the command line: (name, type, metavar, help).
-_DETECTOR_FLAGS = (
-    ("min_stage_length", float, "DECADES", "shortest stage in decades of log10(step + 1)"),
-    ("min_change", float, "FRACTION", "smallest stage as a fraction of the λ̂ range"),
-    ("plateau_ratio", float, "R", "largest |slope| at a milestone relative to the steepest "
-     "slope of the stages beside it"),
-    ("significance", float, "Z", "standard errors of the fit a stage must change λ̂ by"),
-    ("min_change_se", float, "K", "standard errors of one estimate (llc_std / "
-     "sqrt(num_chains); llc_std without a num_chains column) a stage must change λ̂ by"),
-    ("min_stage_checkpoints", int, "N", "fewest checkpoints the first and last stage span, "
-     "ends included"),
-)
-
-
-def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> int:
-    """``devinterp stages INPUT``: print the stage table; write stages.json for a run directory.
-
-    User errors (missing file or columns, too few checkpoints) raise ValueError /
-    FileNotFoundError with a one-line message; the caller turns them into exit code 2.
-    """
-    defaults = {k: v.default for k, v in inspect.signature(CriticalPoints).parameters.items()}
-    parser = ArgumentParser(
-        prog=prog, description="Detect developmental stages (milestones = critical points of "
-        "λ̂ over log-step) in a run directory or a CSV with columns step, llc_mean "
-        "(optional llc_std, loss). Prints a stage table; writes stages.json into a run "
-        "directory.")
-    parser.add_argument("input", help="run directory or CSV file")
-    parser.add_argument("--method", default="auto", choices=["auto", *METHODS],
-                        help=f"detector (auto = {DEFAULT_METHOD}, best on tools/bench_stages.py)")
-    parser.add_argument("--json", action="store_true",
-                        help="print only a JSON list of stage dicts on stdout")
-    for name, kind, metavar, text in _DETECTOR_FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, metavar=metavar,
-                            help=f"{text} (default {defaults[name]})")
-    parser.add_argument("--joint", action="store_true",
-                        help="with --method pelt/binseg: segment λ̂ and the loss together")
-    parser.add_argument("--no-write", action="store_true",
-                        help="do not write stages.json into the run directory")
-    args = parser.parse_args(argv)
-    options = {name: getattr(args, name) for name, *_ in _DETECTOR_FLAGS
-               if getattr(args, name) is not None}
-    if args.joint:
-        options["joint"] = True
-    detector = make_detector(args.method, **options)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        stages = _detect(args.input, detector)
-    for w in caught:
-        print(f"{prog}: note: {w.message}", file=sys.stderr)
-    if Path(args.input).is_dir() and not args.no_write:
-        method = DEFAULT_METHOD if args.method == "auto" else args.method
-        write_stages(args.input, stages, method=method, params=detector.params)
-        print(f"{prog}: wrote {Path(args.input) / STAGES_FILE}", file=sys.stderr)
-    print(json.dumps(stages) if args.json else format_table(stages))
-    return 0

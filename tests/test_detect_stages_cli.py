@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 
 from devinterp import cli
-from devinterp.stages import log_step
+from devinterp.stages import detect_and_write, log_step
 from devinterp.store import STAGES_FILE, RunStore, load_run
 from devinterp.synthetic import language_model_transitions, planted_llc_curve
 
@@ -81,6 +82,15 @@ def test_run_directory_writes_stages_json(tmp_path, planted, capsys) -> None:
     assert store.read_json(STAGES_FILE)["method"] == "pelt"
     assert _tool().run([str(store.path), "--no-write", "--json"]) == 0
     assert store.read_json(STAGES_FILE)["method"] == "pelt"
+    # Stages found with another method are not replaced unasked: the table, a note, no write.
+    capsys.readouterr()
+    assert cli.main(["stages", str(store.path)]) == 0
+    captured = capsys.readouterr()
+    assert "stage" in captured.out and "did not write" in captured.err
+    assert "--method pelt" in captured.err and "--force" in captured.err
+    assert store.read_json(STAGES_FILE)["method"] == "pelt"
+    assert cli.main(["stages", str(store.path), "--force"]) == 0
+    assert store.read_json(STAGES_FILE)["method"] == "critical"
 
 
 def test_nan_rows_reported_on_stderr(tmp_path, planted, capsys) -> None:
@@ -141,3 +151,97 @@ def test_joint_llc_and_loss_from_the_command_line(tmp_path, capsys) -> None:
     assert "loss is unknown at" in capsys.readouterr().err
     assert _tool().run([str(csv), "--joint"]) == 2
     assert "works with method 'pelt' or 'binseg'" in capsys.readouterr().err
+
+
+def _run_dir(tmp_path, curve: pd.DataFrame) -> RunStore:
+    store = RunStore(tmp_path / "run", create=True)
+    for row in curve[["step", "llc_mean", "llc_std", "num_chains"]].to_dict("records"):
+        store.write_llc_row(row)
+    return store
+
+
+def test_training_stages_are_kept_unless_forced(tmp_path, planted, capsys) -> None:
+    """The stages training wrote (detect_and_write, the default method) survive
+    `devinterp stages RUN --method pelt` and other settings byte for byte; the same settings
+    rewrite them (nothing is lost); --force replaces them; --force with --no-write is refused."""
+    curve, truth, types = planted
+    store = _run_dir(tmp_path, curve)
+    inline = detect_and_write(store.path)
+    _check(inline, truth, types)
+    path = store.path / STAGES_FILE
+    before = path.read_bytes()
+    for extra, why in ((["--method", "pelt"], "found with --method critical"),
+                       (["--min-stage-length", "0.2"], "found with other settings (min_stage_length=0.05)"),
+                       (["--method", "binseg"], "found with --method critical")):
+        assert cli.main(["stages", str(store.path), *extra]) == 0
+        err = capsys.readouterr().err
+        assert f"did not write {path}: it holds stages {why}" in err, err
+        assert "add --force to replace them" in err
+        assert path.read_bytes() == before
+    assert cli.main(["stages", str(store.path), "--json"]) == 0  # the same settings: rewritten
+    captured = capsys.readouterr()
+    assert "wrote" in captured.err and json.loads(captured.out) == inline
+    assert load_run(store.path).stages == inline
+    assert cli.main(["stages", str(store.path), "--method", "pelt", "--force"]) == 0
+    assert store.read_json(STAGES_FILE)["method"] == "pelt"
+    assert cli.main(["stages", str(store.path), "--force", "--no-write"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_bare_list_of_stages_is_kept_unless_forced(tmp_path, planted, capsys) -> None:
+    """Early versions wrote stages.json as a bare list (no method): kept too; an empty one is
+    nothing to lose."""
+    store = _run_dir(tmp_path, planted[0])
+    path = store.path / STAGES_FILE
+    path.write_text(json.dumps([{"stage": 1, "end_step": 5}]))
+    assert cli.main(["stages", str(store.path)]) == 0
+    assert "stages that record no method" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == [{"stage": 1, "end_step": 5}]
+    path.write_text("[]")
+    assert cli.main(["stages", str(store.path)]) == 0
+    assert "wrote" in capsys.readouterr().err
+    assert store.read_json(STAGES_FILE)["method"] == "critical"
+
+
+def test_threads_reach_the_fit(tmp_path, planted, capsys, monkeypatch) -> None:
+    """--threads N sets the BLAS threads of the detector's fit (default 1) and the process's
+    pools; an invalid count is one line and exit code 2."""
+    import devinterp.stages as stages_module
+    from devinterp.cli import THREAD_ENV
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    seen: list[int] = []
+    real = stages_module.threadpool_limits
+
+    def spy(limits, user_api=None):
+        seen.append(limits)
+        return real(limits, user_api=user_api)
+
+    monkeypatch.setattr(stages_module, "threadpool_limits", spy)
+    csv = tmp_path / "llc.csv"
+    planted[0].to_csv(csv, index=False)
+    assert cli.main(["stages", str(csv), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert seen and set(seen) == {1}
+    seen.clear()
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    pools = {p["prefix"]: p["num_threads"] for p in threadpool_info()}
+    try:
+        assert cli.main(["stages", str(csv), "--json", "--threads", "2"]) == 0
+    finally:
+        threadpool_limits(pools)
+    assert set(seen) == {2} and os.environ["OMP_NUM_THREADS"] == "2"
+    assert [s["end_step"] for s in json.loads(capsys.readouterr().out)] == [
+        s["end_step"] for s in default]
+    assert cli.main(["stages", str(csv), "--threads", "0"]) == 2
+    assert "--threads must be a positive integer" in capsys.readouterr().err
+
+
+def test_the_library_does_not_import_the_command_line() -> None:
+    code = ("import sys, devinterp.stages; "
+            "print(sorted(m for m in sys.modules if m in ('devinterp.cli', 'devinterp.stages_cli')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,12 +1,14 @@
 """Detect developmental stages in a λ̂ curve (a thin CLI over ``devinterp.stages``).
 
     python tools/detect_stages.py INPUT [--method auto|critical|pelt|binseg] [--json]
-                                        [--min-stage-length DECADES] [--no-write]
+                                        [--min-stage-length DECADES] [--no-write | --force]
+                                        [--threads N]
 
 INPUT is a run directory or a CSV with columns ``step, llc_mean`` (optional ``llc_std``,
-``loss``). Prints a stage table with the range of each milestone; writes ``stages.json`` into a
-run directory; with ``--json`` prints only a JSON list of stage dicts. Bad input exits with code 2
-and one line on stderr saying what is wrong and how to fix it.
+``loss``, ``num_chains``). Prints a stage table with the range of each milestone; writes
+``stages.json`` into a run directory, unless it holds stages found with another method or other
+settings (``--force`` replaces them); with ``--json`` prints only a JSON list of stage dicts.
+Bad input exits with code 2 and one line on stderr saying what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devinterp.cli import run_command  # noqa: E402
-from devinterp.stages import main  # noqa: E402
+from devinterp.stages_cli import main  # noqa: E402
 
 PROG = "detect_stages.py"
 
