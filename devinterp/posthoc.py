@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from devinterp.cli import ArgumentParser
+from devinterp.cli import ArgumentParser, add_threads_argument, apply_threads
 from devinterp.fabric import (
     ESTIMATOR_OPTIONS,
     describe,
@@ -848,8 +848,7 @@ def _parser() -> ArgumentParser:
                    "(default: $WORLD_SIZE or 1)")
     p.add_argument("--rank", type=int, help="this process's index (default: $RANK or 0)")
     p.add_argument("--device", help="where to sample, e.g. cuda:0 (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: the "
-                   "estimator's own choice)")
+    add_threads_argument(p, default="the estimator's own choice")
     p.add_argument("--no-traces", action="store_true", help="do not save loss traces")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--wandb", action="store_true",
@@ -900,8 +899,6 @@ def main(argv: list[str] | None = None) -> int:
     if workers < 1 or not 0 <= rank < workers:
         raise ValueError(f"need --workers >= 1 and 0 <= --rank < --workers, got "
                          f"--workers {workers} --rank {rank}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be an integer >= 1, got {args.threads}")
     steps = None
     if args.steps:
         try:
@@ -911,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: getattr(args, k) for k in ESTIMATOR_OPTIONS if getattr(args, k, None) is not None}
     check_options(options, label=_flag)
     check_device(args.device)
+    apply_threads(args.threads)  # here and in the workers launched below
     if workers > 1 and args.rank is None and "RANK" not in os.environ:
         code = _launch(argv, workers)
         run_dir = _default_out(RunStore(args.run_dir), args.out) or args.run_dir
@@ -918,8 +916,7 @@ def main(argv: list[str] | None = None) -> int:
         report = estimate_run(
             args.run_dir, module=args.module, data=args.data, loss_fn=args.loss, steps=steps,
             out=args.out, force=args.force, workers=workers, rank=rank, device=args.device,
-            threads=args.threads, save_traces=not args.no_traces, progress=not args.quiet,
-            **options,
+            save_traces=not args.no_traces, progress=not args.quiet, **options,
         )
         if not args.quiet:
             print(f"devinterp estimate: {len(report.estimated)} estimated, {len(report.failed)} "

@@ -185,7 +185,7 @@ def test_a_snapshot_without_a_finite_loss_fails_alone(run, capsys):
     (["--num-chains", "0"], "--num-chains must be an integer >= 1"),
     (["--device", "foo"], "device 'foo' is not a torch device"),
     (["--device", "cuda:99"], "device 'cuda:99'"),
-    (["--threads", "0"], "--threads must be an integer >= 1"),
+    (["--threads", "0"], "--threads must be a positive integer"),
     (["--workers", "2", "--rank", "2"], "0 <= --rank < --workers"),
 ])
 def test_bad_options_fail_up_front_in_one_line(run, capsys, flags, problem):
