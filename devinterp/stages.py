@@ -454,8 +454,8 @@ class _Detector(abc.ABC):
         self.standard_errors_ = pts.standard_errors
         self.loss_ = pts.loss
         # The matrices are at most about a thousand wide: on a busy machine spin-waiting BLAS
-        # threads make each factorisation many times slower (100k rows on 2 busy cores: 1.8 s on
-        # one thread, 32 s on two), so `threads` defaults to 1.
+        # threads make each factorisation many times slower (100k rows on 2 busy cores: 2.6 s on
+        # one thread, 19 s on two: tools/bench_stages_memory.py --threads), so `threads` is 1.
         with threadpool_limits(self.threads, user_api="blas"):
             self.profile_ = (_flat_profile(pts.x, pts.y) if np.ptp(pts.y) == 0
                              else self._profile(pts.x, pts.y, pts.rel_sd))

@@ -1,6 +1,7 @@
 """Peak memory and time of stage detection against the number of λ̂ rows, up to 100,000.
 
     python tools/bench_stages_memory.py [--method critical] [--rows 1000,10000,100000]
+                                        [--full-rows 500,1000,2000] [--threads N]
 
 Each case runs in a fresh process: a planted curve shaped like the paper's language model
 (devinterp.synthetic), its rows spread evenly over steps 0..99,999 plus 100 log-spaced ones,
@@ -41,11 +42,11 @@ def curve_steps(rows: int) -> np.ndarray:
     return np.unique(np.r_[linear, np.round(np.geomspace(1, LAST_STEP, 100))]).astype(np.int64)
 
 
-def one(rows: int, method: str, max_points: int | None) -> dict:
+def one(rows: int, method: str, max_points: int | None, threads: int) -> dict:
     """Detect the stages of one planted curve in this process and measure it."""
     curve, truth, types = planted_llc_curve(language_model_transitions(),
                                             steps=curve_steps(rows), noise=0.003, seed=0)
-    detector = make_detector(method, max_points=max_points)
+    detector = make_detector(method, max_points=max_points, threads=threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tracemalloc.start()
     start = time.perf_counter()
@@ -69,23 +70,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="1000,10000,100000",
                         help="row counts with the default binning (comma-separated)")
     parser.add_argument("--full-rows", default="500,1000,2000",
-                        help="row counts fitted without binning (max_points=None)")
+                        help="row counts fitted without binning (max_points=None); '' for none")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS threads of the fit (the detector's threads; default 1)")
     parser.add_argument("--one", nargs=2, metavar=("ROWS", "MAX_POINTS"),
                         help=argparse.SUPPRESS)  # a single case, in this process, as JSON
     args = parser.parse_args(argv)
     if args.one:
         rows, cap = int(args.one[0]), None if args.one[1] == "none" else int(args.one[1])
-        print(json.dumps(one(rows, args.method, cap)))
+        print(json.dumps(one(rows, args.method, cap, args.threads)))
         return 0
-    cases = ([(int(r), str(MAX_POINTS)) for r in args.rows.split(",")]
-             + [(int(r), "none") for r in args.full_rows.split(",")])
-    print(f"method {args.method}; default max_points = {MAX_POINTS}\n")
+    cases = ([(int(r), str(MAX_POINTS)) for r in args.rows.split(",") if r]
+             + [(int(r), "none") for r in args.full_rows.split(",") if r])
+    print(f"method {args.method}; default max_points = {MAX_POINTS}; {args.threads} BLAS "
+          "thread(s)\n")
     print(f"{'rows':>7} {'max_points':>10} {'fitted':>6} {'traced MB':>9} {'RSS growth MB':>13} "
           f"{'seconds':>7} {'planted stages found':>20}")
     results = {}
     for rows, cap in cases:
-        proc = subprocess.run([sys.executable, __file__, "--method", args.method, "--one",
-                               str(rows), cap], capture_output=True, text=True, check=True)
+        proc = subprocess.run([sys.executable, __file__, "--method", args.method, "--threads",
+                               str(args.threads), "--one", str(rows), cap],
+                              capture_output=True, text=True, check=True)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         results[(rows, cap)] = r
         print(f"{r['rows']:>7,} {cap:>10} {r['fitted']:>6,} {r['traced_mb']:>9.1f} "
