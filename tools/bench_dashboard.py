@@ -6,9 +6,14 @@ navigation start to ``window.__dashboard.ready`` (all figures drawn), median of 
 loads in one browser. The baseline row is an empty Plotly plot in an HTML file that embeds the
 same plotly.js: the part of the time that is plotly.js itself being parsed and run.
 
-    .venv/bin/python tools/bench_dashboard.py [--repeats 5] [--keep DIR]
+    .venv/bin/python tools/bench_dashboard.py [--repeats 5] [--keep DIR] [--build-only]
 
 Target: under 2 s to draw. Needs Debian's chromium (/usr/bin/chromium) and playwright.
+
+It also times the Python page build (runs -> page model) of one run whose every row is
+flagged, at 50k, 100k and 200k rows: the build is linear when doubling the rows doubles the
+time (ratio ~2; a build quadratic in flagged rows gives ~4 and took minutes at 200k rows).
+``--build-only`` runs just that part (no browser needed).
 """
 
 from __future__ import annotations
@@ -24,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from screenshot_dashboard import CHROMIUM, CHROMIUM_ARGS  # tools/, next to this file
 
-from devinterp.dashboard import build_html
+from devinterp.dashboard import build_html, build_page
 from devinterp.dashboard.page import plotly_js
-from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore
+from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore, _atomic_write_bytes, load_run
 
 #: Stage ends and λ̂ changes of the language-model run in Hoogland et al. (SCIENCE.md).
 STAGE_ENDS = [900, 6500, 8500, 17000, 50000]
@@ -82,6 +87,37 @@ def write_synthetic_run(path: Path, n_points: int, *, seed: int = 0, chains: int
     return path
 
 
+def write_flagged_run(path: Path, n_rows: int) -> Path:
+    """A λ̂ table of ``n_rows`` rows, each flagged twice (R-hat and the estimator's warning)."""
+    store = RunStore(path, create=True)
+    steps = np.arange(n_rows)
+    store.upsert_rows("llc.csv", [{
+        "step": int(s), "llc_mean": 1.0 + (s % 7), "llc_std": 0.1, "rhat": 1.5, "ess": 300.0,
+        "num_chains": 4, "warnings": "split R-hat is 1.50 (> 1.1): chains disagree"}
+        for s in steps.tolist()])
+    return path
+
+
+def build_scaling(work: Path, sizes: tuple[int, ...] = (50_000, 100_000, 200_000),
+                  repeats: int = 2) -> None:
+    """Print the page-build time of fully flagged tables (best of ``repeats``; the tables are
+    written first) and the ratio per doubling."""
+    runs = {n: load_run(write_flagged_run(work / f"flagged{n}", n)) for n in sizes}
+    print(f"\n{'flagged λ̂ rows':>15} {'build s':>8} {'x previous':>10}")
+    previous = None
+    for n, run in runs.items():
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            build_page([run], embed_traces=False)
+            best = min(best, time.perf_counter() - t)
+        ratio = f"{best / previous:.2f}" if previous else "—"
+        print(f"{n:>15,} {best:>8.2f} {ratio:>10}")
+        previous = best
+    print("(rows doubled each line: a ratio near 2 is linear, near 4 quadratic; best of "
+          f"{repeats} builds)")
+
+
 def time_to_draw(page, url: str) -> tuple[float, float, float]:
     """Milliseconds from navigation start until plotly.js has run, the first figure has
     drawn, and every figure has drawn."""
@@ -97,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--keep", type=Path, help="keep the run dirs and HTML files here")
+    ap.add_argument("--build-only", action="store_true",
+                    help="only time the Python page build of large flagged tables")
     args = ap.parse_args(argv)
+    if args.build_only:
+        with tempfile.TemporaryDirectory(prefix="bench_dashboard_") as tmp:
+            build_scaling(Path(tmp))
+        return 0
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -116,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote synthetic runs in {time.perf_counter() - t:.1f} s under {work}")
 
     baseline = work / "plotly_only.html"
-    baseline.write_text(
+    _atomic_write_bytes(baseline, (
         "<!DOCTYPE html><html><body><div id='g'></div><script>" + plotly_js() + "</script>"
         "<script>window.__scriptAt = performance.now(); Plotly.newPlot('g', [{x: [1, 10], y: [1, 2]}], {xaxis: {type: 'log'}})"
-        ".then(function () { window.__drawnAt = performance.now(); });</script></body></html>")
+        ".then(function () { window.__drawnAt = performance.now(); });</script></body></html>"
+    ).encode())
     cases = [("plotly.js alone (baseline)", baseline, None)]
     for label, runs, file in (("1 run × 2,000 λ̂ points", single, "single.html"),
                               ("10 runs × 200 λ̂ points", seeds, "compare10.html")):
@@ -127,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         text = build_html(runs)
         build_s = time.perf_counter() - t
         out = work / file
-        out.write_text(text, encoding="utf-8")
+        _atomic_write_bytes(out, text.encode("utf-8"))
         cases.append((label, out, build_s))
 
     rows = []
@@ -152,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         build = f"{build_s:.2f}" if build_s is not None else "—"
         print(f"{label:<28} {mb:>8.2f} {build:>8} {script:>10.0f} {first:>9.0f} {drawn:>9.0f} "
               f"{drawn / base:>8.2f}x {'yes' if drawn < 2000 else 'NO':>6}")
+    build_scaling(work)
     print(f"\nmedians over {args.repeats} loads, ms from navigation start: plotly = plotly.js "
           "parsed and run; first = loss/λ̂ figure drawn; drawn = every figure drawn (the "
           "target). vs plotly: drawn / drawn of plotly.js alone. build s: Python, runs -> HTML.")

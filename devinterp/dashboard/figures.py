@@ -16,6 +16,7 @@ Every trace carries ``meta = {"kind": ..., "run": index}`` and every shape a ``n
 from __future__ import annotations
 
 import ast
+import functools
 import html
 import json
 import math
@@ -165,6 +166,7 @@ _RULE_ORDER = {r.column: k for k, r in enumerate(HEALTH_RULES)}
 NOT_FINITE_WHY = "λ̂ is not finite: the chains diverged or the loss at w* is not finite"
 
 
+@functools.lru_cache(maxsize=4096)
 def column_key(column: str) -> str:
     """The diagnostic a column holds, ignoring a logger prefix (``llc/rhat`` -> ``rhat``)."""
     return column.replace(".", "/").split("/")[-1]
@@ -299,8 +301,10 @@ def problems(flags: Sequence[Flag]) -> list[Problem]:
         by_point.setdefault((f.run, f.step), []).append(f)
     out: list[Problem] = []
     for group in by_point.values():
-        warnings = [f for f in group if column_key(f.column) == "warnings"]
-        rules = [f for f in group if f not in warnings]
+        warnings: list[Flag] = []
+        rules: list[Flag] = []
+        for f in group:
+            (warnings if column_key(f.column) == "warnings" else rules).append(f)
         joined: dict[int, list[Flag]] = {id(f): [f] for f in rules}
         why: dict[int, str] = {id(f): f.why for f in rules}
         for w in warnings:
@@ -440,7 +444,7 @@ def _stage_hover_trace(run: Run, run_index: int, name: str, lo: int, hi: int) ->
 
 
 def llc_figure(runs: Sequence[Run], names: Sequence[str],
-               flags: Sequence[Flag] = ()) -> dict:
+               flags: Sequence[Flag] = (), found: Sequence[Problem] | None = None) -> dict:
     """Loss (top) and λ̂ ± std (bottom) over ``step + 1`` on a shared log axis, with stages.
 
     One run: its stages are shaded bands across both panels, labelled with type and Δλ̂.
@@ -503,7 +507,7 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
             "meta": {"kind": "llc", "run": i},
         })
 
-    flagged = _flag_points(runs, flags)
+    flagged = _flag_points(runs, problems(flags) if found is None else found)
     if flagged is not None:
         data.append(flagged)
     # Steps with no finite λ̂ (a failed estimate) have no point to ring: mark the step itself.
@@ -603,10 +607,10 @@ def _empty_note(text: str, domain: list[float]) -> dict:
             "font": {"size": 13, "color": "#888"}, "name": "empty"}
 
 
-def _flag_points(runs: Sequence[Run], flags: Sequence[Flag]) -> dict | None:
+def _flag_points(runs: Sequence[Run], found: Sequence[Problem]) -> dict | None:
     """Red rings on the λ̂ curve at every step with a flagged diagnostic or warning."""
     by_point: dict[tuple[int, int], list[str]] = {}
-    for p in problems(flags):
+    for p in found:
         by_point.setdefault((p.run, p.step), []).append(
             p.why if not p.first.value else f"{p.first.column} = {p.first.value}: {p.why}")
     values = [dict(zip(r.llc["step"].tolist(), r.llc["llc_mean"].tolist(), strict=True))

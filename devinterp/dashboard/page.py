@@ -401,7 +401,7 @@ def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
             "stages": len(run.stages), "trace_steps": trace_steps[i],
             "flagged_steps": sorted(flagged_steps.get(i, ())),
         } for i, run in enumerate(runs)],
-        "main": llc_figure(runs, names, flags),
+        "main": llc_figure(runs, names, flags, found),
         "diagnostics": {
             "figure": diagnostics_figure(runs, names, flags),
             "summary": flag_summary(found, names),
