@@ -428,3 +428,18 @@ def test_index_shows_a_bad_run_in_place(browser: Any, served: DashboardServer) -
     assert "not-a-step" in row.inner_text()  # what is wrong with it
     w.assert_clean()
     w.close()
+
+
+def test_screenshot_tool_errors_are_one_line_and_keep_the_old_png(browser: Any,
+                                                                  tmp_path: Path) -> None:
+    tool = Path(__file__).resolve().parents[1] / "tools" / "screenshot_dashboard.py"
+    started = RunStore(tmp_path / "started", create=True)
+    started.write_json("settings.json", {"num_chains": 4})
+    old = tmp_path / "old.png"
+    old.write_bytes(b"the good picture")
+    for args in ([str(started.path), "-o", str(old)], [str(started.path), "-o", str(tmp_path)]):
+        proc = subprocess.run([sys.executable, str(tool), *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert old.read_bytes() == b"the good picture"

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from devinterp.dashboard import build_html
+from devinterp.store import _atomic_write_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -43,12 +44,13 @@ def screenshot(run_dirs: list[Path], out: Path, *, section: str = "overview",
             page.goto(html_path.as_uri())
             page.wait_for_function("window.__dashboard && window.__dashboard.ready",
                                    timeout=60_000)
-            out.parent.mkdir(parents=True, exist_ok=True)
             if section == "page":
-                page.screenshot(path=str(out), full_page=True)
+                png = page.screenshot(full_page=True)
             else:
-                page.locator(f"#{section}").screenshot(path=str(out))
+                png = page.locator(f"#{section}").screenshot()
             browser.close()
+    # Temp file + rename: a README picture is replaced whole or left as it was.
+    _atomic_write_bytes(out, png)
     return out
 
 
@@ -63,8 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(CHROMIUM).exists():
         print(f"{CHROMIUM} not found: apt-get install chromium", file=sys.stderr)
         return 2
-    out = screenshot(args.run_dirs, args.output, section=args.section, width=args.width,
-                     scale=args.scale)
+    if args.output.is_dir():
+        print(f"error: -o {args.output} is a directory; name the PNG file to write",
+              file=sys.stderr)
+        return 2
+    try:
+        out = screenshot(args.run_dirs, args.output, section=args.section, width=args.width,
+                         scale=args.scale)
+    except (ValueError, OSError) as e:
+        print(f"error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
