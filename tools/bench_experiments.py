@@ -6,7 +6,7 @@ included) and reads the run directory back: λ̂ checkpoints and sampler setting
 
     python tools/bench_experiments.py                        # every configs/*.yaml
     python tools/bench_experiments.py configs/quickstart.yaml --threads 2
-    python tools/bench_experiments.py --override --trainer.max_steps=50   # a quick smoke run
+    python tools/bench_experiments.py --override=--trainer.max_steps=50   # a quick smoke run
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 def bench(config: Path, run_dir: Path, overrides: list[str], threads: int | None) -> dict:
     """Run one config end to end and describe it: one row of the table."""
     env = dict(os.environ, WANDB_MODE="offline")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
+    # `devinterp run --threads` overrides the config's torch_threads (OMP_NUM_THREADS alone
+    # would not: torch.set_num_threads from the config wins over it).
     command = [sys.executable, "-m", "devinterp", "run", str(config), "--run-dir", str(run_dir),
-               "--trainer.enable_progress_bar=false", *overrides]
+               "--trainer.enable_progress_bar=false", *overrides,
+               *(["--threads", str(threads)] if threads else [])]
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="*", type=Path,
                         help="config files (default: every configs/*.yaml)")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the runs")
+    parser.add_argument("--threads", type=int,
+                        help="devinterp run --threads N for every run (overrides each config's "
+                             "torch_threads)")
     parser.add_argument("--out", type=Path, help="keep the run directories here")
     parser.add_argument("--override", action="append", default=[], metavar="ARG",
                         help="a LightningCLI override for every run (repeatable)")
@@ -88,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(bench(config.resolve(), out / config.stem, args.override, args.threads))
         print(f"  {rows[-1]['wall time (s)']} s", file=sys.stderr, flush=True)
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-          f"torch {torch.__version__}, OMP_NUM_THREADS={args.threads or 'default'} "
-          "(torch threads: each config's torch_threads)"
+          f"torch {torch.__version__}, threads: "
+          + (f"--threads {args.threads}" if args.threads else "each config's torch_threads")
           + (f", overrides: {' '.join(args.override)}" if args.override else "") + "\n")
     print(markdown(rows))
     print(f"\nrun directories: {out}", file=sys.stderr)
