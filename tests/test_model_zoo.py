@@ -15,15 +15,19 @@ from __future__ import annotations
 import functools
 import math
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from zoo_models import (
     CNN,
     VOCAB,
@@ -48,16 +52,16 @@ from zoo_models import (
     symmetric_mlp,
 )
 
-from devinterp import LLCCallback, estimate_llc, load_run
+from devinterp import LLCCallback, LLCResult, estimate_llc, load_run
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-# vmap runs fused attention and RNN kernels through its slow per-example fallback: correct
-# numbers, a performance note from PyTorch on every call.
-# transformer-lens 3 announces HookedTransformer's removal in 4 (the dev extra pins < 4).
 pytestmark = [
+    # vmap runs fused attention and RNN kernels through its slow per-example fallback: right
+    # numbers, and a performance note from PyTorch on every call.
     pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning"),
+    # transformer-lens 3 announces HookedTransformer's removal in 4 (the extras pin < 4).
     pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning"),
 ]
 
@@ -75,7 +79,7 @@ def num_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def assert_finite(result) -> None:
+def assert_finite(result: LLCResult) -> None:
     assert np.isfinite(result.llc_per_chain).all(), result.llc_per_chain
     assert math.isfinite(result.llc_mean) and math.isfinite(result.llc_std)
 
@@ -91,7 +95,28 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-# -- Hugging Face causal LMs, default attention ---------------------------------------------------
+# -- packaging -------------------------------------------------------------------------------------
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_hugging_face_packages_are_an_extra_and_never_imported_by_devinterp():
+    """transformers / transformer-lens are in the hf and dev extras only, and importing the
+    estimator or the CLI does not import them (they cost seconds and hundreds of MB). (Lightning
+    does, through torchmetrics, whenever transformers is installed.)"""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    names = ("transformers", "transformer-lens")
+    assert not [d for d in project["dependencies"] if d.startswith(names)]
+    for extra in ("hf", "dev"):
+        assert {d.split(">")[0].split("=")[0] for d in project["optional-dependencies"][extra]
+                if d.startswith(names)} == set(names), extra
+    code = ("import sys, devinterp, devinterp.llc, devinterp.cli; "
+            "print(sorted(m for m in ('transformers', 'transformer_lens') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+# -- Hugging Face causal LMs, default attention ----------------------------------------------------
 def test_gpt2_tied_embeddings_with_default_attention_and_auto_step():
     """GPT-2 as built (sdpa attention, whose CPU kernel has no double backward) under the
     default step_size="auto": finite λ̂, the tied head/embedding sampled once, model intact."""
@@ -149,7 +174,7 @@ def test_llama_with_default_attention_and_auto_step():
         assert torch.equal(v, buffers[k]), k
 
 
-# -- TransformerLens ---------------------------------------------------------------------------------
+# -- TransformerLens -------------------------------------------------------------------------------
 def test_hooked_transformer_attention_only():
     pytest.importorskip("transformer_lens")
     model = hooked_transformer()
@@ -166,7 +191,7 @@ def test_hooked_transformer_attention_only():
     assert_unchanged(model, before)
 
 
-# -- CNN with BatchNorm and Dropout --------------------------------------------------------------------
+# -- CNN with BatchNorm and Dropout ----------------------------------------------------------------
 def test_cnn_batchnorm_statistics_and_modes_are_restored_and_dropout_is_off():
     x, y = image_data()
     torch.manual_seed(0)
@@ -192,7 +217,7 @@ def test_cnn_batchnorm_statistics_and_modes_are_restored_and_dropout_is_off():
     np.testing.assert_array_equal(result.llc_per_chain, reference.llc_per_chain)
 
 
-# -- GRU / LSTM ------------------------------------------------------------------------------------------
+# -- GRU / LSTM ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_recurrent_networks_are_vectorized_and_match_the_sequential_path(cell):
     x, y = sequence_data()
@@ -208,7 +233,7 @@ def test_recurrent_networks_are_vectorized_and_match_the_sequential_path(cell):
                                atol=1e-4)
 
 
-# -- what vmap cannot batch ----------------------------------------------------------------------------
+# -- what vmap cannot batch ------------------------------------------------------------------------
 def test_a_model_vmap_cannot_batch_falls_back_to_sequential_chains_and_says_so_once():
     x, y = regression_data()
     torch.manual_seed(0)
@@ -225,7 +250,7 @@ def test_a_model_vmap_cannot_batch_falls_back_to_sequential_chains_and_says_so_o
     assert_finite(result)
 
 
-# -- torch.compile -----------------------------------------------------------------------------------------
+# -- torch.compile ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_compiled_module_gives_the_eager_modules_estimate():
     """torch.func cannot enter a compiled region called from eager code (PyTorch #128711), so
@@ -243,7 +268,7 @@ def test_compiled_module_gives_the_eager_modules_estimate():
     np.testing.assert_allclose(result.llc_per_chain, reference.llc_per_chain, rtol=1e-5)
 
 
-# -- frozen parameters ---------------------------------------------------------------------------------------
+# -- frozen parameters -----------------------------------------------------------------------------
 def test_only_trainable_parameters_are_sampled_and_frozen_ones_stay_frozen():
     x, y = regression_data()
     model = frozen_mlp()
@@ -258,7 +283,7 @@ def test_only_trainable_parameters_are_sampled_and_frozen_ones_stay_frozen():
     np.testing.assert_array_equal(result.llc_per_chain, refined.llc_per_chain)
 
 
-# -- torch.nn.utils.parametrize ----------------------------------------------------------------------------
+# -- torch.nn.utils.parametrize --------------------------------------------------------------------
 def test_parametrized_weight_moves_through_its_original():
     """The sampled tensor is the parametrization's ``original``; moving it moves the weight the
     model uses. Known truth: under the identity parametrization, sampling ``original`` is
@@ -288,12 +313,13 @@ def test_parametrized_weight_moves_through_its_original():
     assert torch.equal(w, w.T) and parametrize.is_parametrized(model[0], "weight")
 
 
-# -- the same models inside unchanged LightningModules ----------------------------------------------------
+# -- the same models inside unchanged LightningModules ---------------------------------------------
 # The callback takes the loss from training_step. Known truth: its estimate at step 0 (before
 # any training) is estimate_llc's on the wrapped model with the same loss, data and seed. A
 # callback that sampled other tensors (a tied one twice, frozen ones), used another loss or
 # other minibatches, or left the module in train mode would give other chains.
-def fit_with_callback(tmp_path, module: pl.LightningModule, dataset, max_steps: int = 2):
+def fit_with_callback(tmp_path: Path, module: pl.LightningModule, dataset: Dataset,
+                      max_steps: int = 2) -> pd.DataFrame:
     """Train ``max_steps`` steps with an LLCCallback every 2 steps (and at step 0); return the
     λ̂ table."""
     callback = LLCCallback(tmp_path / "llc", every_n_train_steps=2, batch_size=16,
@@ -313,7 +339,7 @@ def fit_with_callback(tmp_path, module: pl.LightningModule, dataset, max_steps: 
     return table
 
 
-def assert_step0_matches(table, reference) -> None:
+def assert_step0_matches(table: pd.DataFrame, reference: LLCResult) -> None:
     row = table.set_index("step").loc[0]
     np.testing.assert_allclose(row["llc_mean"], reference.llc_mean, rtol=1e-9)
     np.testing.assert_allclose(row["step_size"], reference.settings["step_size"], rtol=1e-9)
