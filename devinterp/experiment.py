@@ -20,6 +20,12 @@ its own directory under the run directory (``KEY=V`` names it; ``seed`` means
 ``seed_everything``) and writes ``summary.csv`` (final loss, final λ̂, number of stages per run)
 and a ``dashboard.html`` comparing the runs. Every combination is validated before the first
 one trains. The run directory is the last line printed on stdout.
+
+``--threads N`` runs torch, OpenMP and BLAS on N threads and overrides the config's
+``torch_threads``. Option names are never abbreviated (``--trainer.max_step`` is an error
+that suggests ``--trainer.max_steps``). The checks that need no torch (the flags, the config
+file exists and is YAML, the run directory is new or empty) run before torch and Lightning are
+imported (:mod:`devinterp._lightning_cli`), so those mistakes are reported at once.
 """
 
 from __future__ import annotations
