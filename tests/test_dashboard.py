@@ -645,3 +645,24 @@ def test_empty_panels_place_their_notes_apart(tmp_path: Path) -> None:
     notes = [a for a in fig["layout"]["annotations"] if a.get("name") == "empty"]
     assert len(notes) == 2 and {a["yref"] for a in notes} == {"paper"}
     assert abs(notes[0]["y"] - notes[1]["y"]) > 0.3
+
+
+def test_static_files_are_package_data() -> None:
+    """The templates, stylesheet and scripts are files in the package, listed as package data
+    (else a wheel would ship a dashboard without its script)."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    from devinterp.dashboard import assets
+
+    package = Path(assets.__file__).parent
+    static = sorted(p.relative_to(package).as_posix() for p in (package / "static").iterdir())
+    assert static == ["static/head.html", "static/helpers.js", "static/index.html",
+                      "static/index.js", "static/page.html", "static/page.js",
+                      "static/style.css"]
+    pyproject = tomllib.loads((package.parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["devinterp.dashboard"]
+    assert [f for f in static if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
+    for script in (assets.SCRIPT, assets.INDEX_SCRIPT):
+        assert "function el(tag, className, text)" in script and "@helpers" not in script
+        assert ".innerHTML" not in script  # run strings go in through textContent only
