@@ -910,8 +910,8 @@ def main(argv: list[str] | None = None) -> int:
     check_device(args.device)
     apply_threads(args.threads)  # here and in the workers launched below
     if workers > 1 and args.rank is None and "RANK" not in os.environ:
-        code = _launch(argv, workers)
         run_dir = _default_out(RunStore(args.run_dir), args.out) or args.run_dir
+        code = _launch(argv, workers)
     else:
         report = estimate_run(
             args.run_dir, module=args.module, data=args.data, loss_fn=args.loss, steps=steps,
@@ -923,8 +923,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"failed, {len(report.skipped)} already done, {len(report.unreadable)} "
                   f"unreadable ({report.run_dir})")
         code, run_dir = (1 if report.unreadable else 0), report.run_dir
-        if workers > 1:
-            return code  # the other workers may still be writing: no stages yet
+        if workers > 1:  # the other workers may still be writing: no stages or W&B yet
+            if rank == 0:
+                print(f"devinterp estimate: when every worker is done, `devinterp estimate "
+                      f"{run_dir}{' --wandb' if args.wandb else ''}` writes stages.json"
+                      f"{' and logs to W&B' if args.wandb else ''}", file=sys.stderr)
+            return code
     if code == 2:
         return code
     stages = write_stages(run_dir)
