@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -22,9 +23,12 @@ from tqdm.auto import tqdm
 
 import devinterp
 from devinterp.fabric import (
+    EstimateFailure,
+    LossSpec,
     Schedule,
     chain_range,
     describe,
+    first_line,
     iter_floats,
     module_loss,
     preserved_training_state,
@@ -44,6 +48,10 @@ from devinterp.store import LLC_FILE, RUN_FILE, RunStore
 MAX_SAVED_DATA_BYTES = 256 * 2**20
 DATA_FILE = "data.pt"
 _UNSET = object()
+#: Logger methods the trainer or the callback calls, each guarded so a failure only warns.
+_LOGGER_METHODS = ("log_metrics", "log_hyperparams", "log_graph", "save", "finalize",
+                   "after_save_checkpoint")
+_log = logging.getLogger(__name__)
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
@@ -65,13 +73,29 @@ class LLCCallback(Callback):
       module attribute ``llc_data``; else the ``.dataset`` of the trainer's train dataloader,
       resampled from ``seed`` (the trainer's own shuffling loader is never iterated, so the
       training random stream is not consumed).
-    - loss: the ``loss_fn`` argument, ``loss_fn(outputs, targets) -> scalar mean loss`` with
-      ``outputs = module(inputs)``; else a module method
-      ``llc_batch_loss(self, forward, batch) -> scalar`` for batches that are not
-      ``(inputs, targets)`` (``forward(*args)`` runs the module at the sampled weights); else
-      the module attribute ``loss_fn``. A module that trains with ``self.loss_fn`` on
-      ``(x, y)`` batches needs no change. ``self.log`` calls made while λ̂ is estimated are
-      dropped, so they never reach the loggers.
+    - loss, in this order (one function, :func:`devinterp.fabric.module_loss`, used by the
+      callback, ``track_llc`` and ``devinterp estimate``):
+
+      1. the ``loss_fn`` argument, ``loss_fn(outputs, targets) -> scalar mean loss`` with
+         ``outputs = module(inputs)``;
+      2. a module method ``llc_batch_loss(self, forward, batch) -> scalar``, for batches that
+         are not ``(inputs, targets)`` (``forward(*args)`` runs the module at the sampled
+         weights);
+      3. a module attribute ``loss_fn(outputs, targets)``;
+      4. the module's own ``training_step(batch, batch_idx)``, evaluated at the sampled
+         weights: the tensor it returns, or the ``"loss"`` entry of a returned dict.
+
+      So a LightningModule written as usual (``training_step`` computes, logs and returns the
+      loss) needs no change. While λ̂ is estimated, ``self.log``/``self.log_dict`` do nothing
+      (nothing reaches the loggers), the optimizer and schedulers are out of reach (a loss
+      that calls ``self.optimizers()`` or ``manual_backward`` fails instead of stepping them),
+      the training random streams are restored afterwards and the module is in eval mode (as
+      :func:`devinterp.estimate_llc` documents: dropout off, BatchNorm statistics fixed). A
+      ``training_step`` is the objective as written, regularizers included, while λ̂ needs a
+      mean negative log-likelihood: give ``loss_fn=`` or ``llc_batch_loss`` when the step adds
+      other terms (weight decay inside the loss, auxiliary losses). A module that optimizes
+      manually (``automatic_optimization = False``) and has neither is refused before
+      training starts.
 
     Schedule: the union of ``every_n_train_steps`` (or ``every_n_epochs``), ``steps`` and
     ``log_spaced``, plus step 0 (the initialization, at train start) when ``include_init``.
@@ -83,13 +107,16 @@ class LLCCallback(Callback):
     ``llc/init_loss`` and ``llc/<diagnostic>`` (``mala_acceptance``, ``rhat``, ``ess``,
     ``frac_below_baseline``, ``num_diverged``, ``step_size``, ``nbeta``). With W&B they are
     plotted against ``trainer/global_step``, the axis of the loss, even when they arrive later.
-    The run store is written before any logger is called, and while fitting a logger whose
-    ``log_metrics`` raises (full disk, unreachable tracker) warns once instead of ending
-    training: a failing logger loses nothing.
+    The run store is written before any logger is called, and while fitting a logger that
+    raises (``log_metrics``, ``log_hyperparams``, ``save``, ``finalize``, ...: a full disk, an
+    unreachable tracker) warns once instead of ending training: a failing logger loses nothing.
 
     Run store rows: ``step, llc_mean, llc_std, init_loss, <diagnostics>, <settings>, status,
     reason, warnings``; ``status`` is ``"failed"`` with a ``reason`` when the training loss or
-    the weights are not finite at the step or every chain diverged (training continues).
+    the weights are not finite at the step, every chain diverged, the loss at w* is not finite,
+    or the estimator raised (a vmap failure, a dtype mismatch, a ``training_step`` that returns
+    None, ...). The callback never ends training: each kind of failure warns once, and a
+    logger or a run-store write that fails mid-run warns once too.
     Training metrics seen by the trainer (``trainer.callback_metrics``) are recorded in
     ``metrics.csv`` at logging steps, scheduled steps, validation and epoch ends.
 
@@ -125,7 +152,8 @@ class LLCCallback(Callback):
         weights: parameter names or ``fnmatch`` patterns SGLD moves, for a weight-refined λ̂
             (e.g. ``["blocks.0.attn.*"]``); the other weights stay at the checkpoint.
         data: data to sample with (see above). Default: the training data.
-        loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's.
+        loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's
+            ``llc_batch_loss``, ``loss_fn`` or ``training_step``.
         save_traces: save the per-chain loss traces, shape (chain, draw), to ``dirpath/traces``.
         progress: print one line per estimate.
     """
@@ -218,13 +246,14 @@ class LLCCallback(Callback):
         self._schedule: Schedule | None = None
         self._disabled = False
         self._data: Any = None
-        self._loss: tuple[Callable | None, Callable | None] = (None, None)
+        self._loss: LossSpec | None = None
         self._module_path: str | None = None
         self._metrics: list[dict[str, Any]] = []
         self._last_metric: dict[str, float] = {}
         self._warned: set[str] = set()
         self._num_snapshots = 0
         self._batch_step = 0
+        self._saved_since_flush = False
         self._guarded: dict[int, tuple[Any, Any]] = {}
         self._state_key = self._generate_state_key(
             dirpath=self.dirpath, mode=self.mode, every_n_train_steps=self.every_n_train_steps,
@@ -306,6 +335,11 @@ class LLCCallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         self._batch_step = trainer.global_step
+        if self._saved_since_flush:
+            # Rows recorded after a checkpoint was saved, at its step (validation, epoch end),
+            # are in no checkpoint: a run killed now and resumed from it would never record
+            # them again. Write them before training moves on.
+            self._flush_metrics()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -339,6 +373,7 @@ class LLCCallback(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._flush_metrics()
+        self._saved_since_flush = True
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled:
@@ -353,24 +388,22 @@ class LLCCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
-        self._unguard_loggers()
         self._flush_metrics()
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unguard_loggers()
 
     # -- one scheduled step --------------------------------------------------------------------
     def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
               train_loss: float | None) -> None:
-        """Snapshot, then (inline) estimate with the chains split over ranks, write, log."""
+        """Snapshot, then (inline) estimate with the chains split over ranks, write, log.
+        Nothing here ends training: a failure is a failed row and one warning."""
         start = time.perf_counter()
         self._done.add(step)
         if trainer.is_global_zero:
             # Written right away, on this thread: a background writer thread measured slower
             # (tools/bench_callback.py: 1.06x vs 1.02x the training time), the GIL hand-offs
             # costing more than the writes.
-            self._store.save_snapshot(step, pl_module.state_dict())
-            self._num_snapshots += 1
+            with self._contained("snapshot", f"save the snapshot of step {step}"):
+                self._store.save_snapshot(step, pl_module.state_dict())
+                self._num_snapshots += 1
         if self.mode == "deferred":
             return
         reason = None
@@ -381,63 +414,106 @@ class LLCCallback(Callback):
         world, rank = trainer.world_size, trainer.global_rank
         if world > 1 and not trainer.strategy.reduce_boolean_decision(reason is None, all=True):
             reason = reason or "non-finite training loss or weights on another rank"
-        result: Any = reason
-        if reason is None:
+        if reason is not None:
+            outcomes: list[Any] = [EstimateFailure(reason)]
+        else:
             first, count = chain_range(resolved_num_chains(self.options), world, rank)
-            outcome = None
-            if count:
-                loss_fn, batch_loss = self._loss
-                with preserved_training_state(pl_module), _no_self_log(pl_module):
-                    outcome = run_estimator(pl_module, self._data, loss_fn=loss_fn,
-                                            batch_loss=batch_loss, options=self.options,
-                                            first_chain=first, num_chains=count)
-            result = _merge(_gather(outcome, world))
+            # Every rank reaches the gather, failed or not: no collective is left waiting.
+            outcomes = _gather(self._estimate(pl_module, first, count) if count else None,
+                               world)
         if not trainer.is_global_zero:
             return
-        row = record_result(self._store, step, result, save_trace=False)
-        if self.save_traces and not isinstance(result, str):
-            self._store.save_trace(step, result.loss_trace)
-        if not isinstance(result, str):
+        result = _merge(outcomes)
+        where = (f"the row is marked failed in {self._store.path / LLC_FILE}"
+                 if isinstance(result, EstimateFailure) else
+                 "the chains of the failed rank(s) are left out of the row")
+        for failure in outcomes:
+            if isinstance(failure, EstimateFailure):
+                self._warn_once(f"failed:{failure.reason}", (
+                    f"LLCCallback: no λ̂ at step {step} ({failure.reason}); training goes on, "
+                    f"{where} (later steps failing the same way are recorded without a "
+                    "warning)"))
+        row = None
+        with self._contained("row", f"write the λ̂ row of step {step}"):
+            row = record_result(self._store, step, result, save_trace=False)
+            if self.save_traces and not isinstance(result, EstimateFailure):
+                self._store.save_trace(step, result.loss_trace)
+        if not isinstance(result, EstimateFailure):
             self._log(trainer, step, result.metrics())
-        if self.progress:
+        if self.progress and row is not None:
             self._print(describe(row, time.perf_counter() - start))
+
+    def _estimate(self, pl_module: pl.LightningModule, first: int, count: int) -> Any:
+        """This rank's chains: an ``LLCResult``, or an :class:`EstimateFailure` for any error
+        (a vmap failure, sdpa, a dtype mismatch, a loss that is not a scalar ...)."""
+        try:
+            with preserved_training_state(pl_module):
+                return run_estimator(pl_module, self._data, loss_fn=self._loss.loss_fn,
+                                     batch_loss=self._loss.batch_loss, options=self.options,
+                                     first_chain=first, num_chains=count)
+        except Exception as e:  # noqa: BLE001 - a diagnostic must never end the training run
+            _log.debug("LLCCallback: the estimate failed", exc_info=True)
+            return EstimateFailure(f"{type(e).__name__}: {first_line(e)}")
 
     def _log(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
         metrics = {k: v for k, v in metrics.items() if math.isfinite(v)}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)  # guarded: see _guard_loggers
 
+    @contextlib.contextmanager
+    def _contained(self, key: str, what: str) -> Iterator[None]:
+        """Warn once per ``key`` instead of raising: a full disk under the run directory must
+        not end training either."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - the callback never ends the training run
+            self._warn_once(f"contained:{key}", (
+                f"LLCCallback: could not {what} ({type(e).__name__}: {first_line(e)}); training "
+                "goes on (no more warnings for this)"))
+
     def _guard_loggers(self, trainer: pl.Trainer) -> None:
-        """Make each logger's ``log_metrics`` warn once instead of raising, for the trainer's
-        own metrics too: a full disk or an unreachable tracker must not end a long run, and the
-        run store keeps λ̂ and the training metrics anyway. Undone when fitting ends."""
+        """Make each logger warn once instead of raising, in every method the trainer or this
+        callback calls (``log_metrics``, ``log_hyperparams``, ``log_graph``, ``save``,
+        ``finalize``, ``after_save_checkpoint``), for the trainer's own metrics too: a full disk
+        or an unreachable tracker must not end a long run, and the run store keeps λ̂ and the
+        training metrics anyway. A logger's guard is removed once the trainer finalizes it
+        (after this callback's ``teardown``)."""
         for logger in trainer.loggers:
             if id(logger) in self._guarded:
                 continue
-            method = logger.log_metrics
+            names = [n for n in _LOGGER_METHODS if callable(getattr(logger, n, None))]
+            self._guarded[id(logger)] = (logger, {n: logger.__dict__.get(n, _UNSET)
+                                                  for n in names})
+            for name in names:
+                setattr(logger, name, self._guarded_method(logger, name))
 
-            def guarded(metrics: Any, step: int | None = None, *, _method: Callable = method,
-                        _logger: Any = logger) -> None:
-                try:
-                    _method(metrics, step=step)
-                except Exception as e:
-                    self._warn_once(
-                        f"logger:{id(_logger)}",
-                        f"LLCCallback: {type(_logger).__name__}.log_metrics failed ({e!r}); "
-                        "training goes on, λ̂ and the training metrics stay in the run "
-                        f"directory {self._store.path}; no more warnings for this logger",
-                    )
+    def _guarded_method(self, logger: Any, name: str) -> Callable[..., Any]:
+        method = getattr(logger, name)
 
-            self._guarded[id(logger)] = (logger, logger.__dict__.get("log_metrics", _UNSET))
-            logger.log_metrics = guarded
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - a logger never ends the training run
+                self._warn_once(
+                    f"logger:{id(logger)}",
+                    f"LLCCallback: {type(logger).__name__}.{name} failed ({e!r}); training goes "
+                    "on, λ̂ and the training metrics stay in the run directory "
+                    f"{self._store.path}; no more warnings for this logger",
+                )
+                return None
+            finally:
+                if name == "finalize":
+                    self._unguard(logger)
 
-    def _unguard_loggers(self) -> None:
-        for logger, original in self._guarded.values():
+        return guarded
+
+    def _unguard(self, logger: Any) -> None:
+        _, originals = self._guarded.pop(id(logger), (None, {}))
+        for name, original in originals.items():
             if original is _UNSET:
-                logger.__dict__.pop("log_metrics", None)
+                logger.__dict__.pop(name, None)
             else:
-                logger.log_metrics = original
-        self._guarded.clear()
+                setattr(logger, name, original)
 
     # -- training metrics ----------------------------------------------------------------------
     def _record_metrics(self, trainer: pl.Trainer, step: int) -> None:
@@ -452,23 +528,19 @@ class LLCCallback(Callback):
             self._flush_metrics()
 
     def _flush_metrics(self) -> None:
+        """Write the buffered rows; if that fails (a full disk) they stay buffered for the next
+        flush."""
+        self._saved_since_flush = False
         if self._metrics and self._store is not None:
-            self._store.write_metrics(self._metrics)
-        self._metrics = []
+            with self._contained("metrics", "write metrics.csv"):
+                self._store.write_metrics(self._metrics)
+                self._metrics = []
 
     # -- resolving data, loss, and what rebuilds the run ---------------------------------------
-    def _resolve_loss(self, module: pl.LightningModule) -> tuple[Callable | None, Callable | None]:
-        """``(loss_fn, batch_loss)``: exactly one is set (see the class docstring)."""
-        if self.loss_fn is not None:
-            return self.loss_fn, None
-        found = module_loss(module)
-        if found is not None:
-            return found
-        raise ValueError(
-            f"LLCCallback needs a loss: {type(module).__name__} has no `loss_fn` attribute "
-            "(callable(outputs, targets) -> mean loss) and no `llc_batch_loss(self, forward, "
-            "batch)` method; set one of them, or pass loss_fn= to LLCCallback"
-        )
+    def _resolve_loss(self, module: pl.LightningModule) -> LossSpec:
+        """The loss, in the order of the class docstring (one function: ``module_loss``)."""
+        return module_loss(module, self.loss_fn,
+                           fix="pass loss_fn=(outputs, targets) -> mean loss to LLCCallback")
 
     def _resolve_data(self, trainer: pl.Trainer, module: pl.LightningModule) -> Any:
         if self.data is not None:
@@ -544,9 +616,11 @@ class LLCCallback(Callback):
         return {"kind": "unrecorded"}
 
     def _loss_recipe(self, module: pl.LightningModule) -> dict[str, Any]:
-        loss_fn, batch_loss = self._loss
-        if batch_loss is not None:
-            return {"kind": "module_llc_batch_loss"}
+        """How ``devinterp estimate`` finds the loss again: the module convention used, or the
+        import path of the ``loss_fn`` argument."""
+        kind, loss_fn = self._loss.kind, self._loss.loss_fn
+        if kind != "argument":
+            return {"kind": kind}
         if loss_fn is getattr(module, "loss_fn", None):
             return {"kind": "module_loss_fn"}
         path = _import_path(loss_fn)
@@ -648,21 +722,6 @@ def _loss_value(outputs: Any) -> float | None:
     return None
 
 
-@contextlib.contextmanager
-def _no_self_log(module: pl.LightningModule) -> Iterator[None]:
-    """Drop ``self.log``/``self.log_dict`` calls made by the loss while λ̂ is estimated."""
-    saved = {name: module.__dict__.get(name) for name in ("log", "log_dict")}
-    module.__dict__["log"] = module.__dict__["log_dict"] = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del module.__dict__[name]
-            else:
-                module.__dict__[name] = value
-
-
 def _gather(outcome: Any, world: int) -> list[Any]:
     if world <= 1:
         return [outcome]
@@ -672,17 +731,18 @@ def _gather(outcome: Any, world: int) -> list[Any]:
 
 
 def _merge(outcomes: list[Any]) -> Any:
-    """One result from the ranks' outcomes (``LLCResult``, failure text, or None: no chains)."""
-    results = [o for o in outcomes if o is not None and not isinstance(o, str)]
-    failures = [o for o in outcomes if isinstance(o, str)]
+    """One result from the ranks' outcomes (``LLCResult``, :class:`EstimateFailure`, or None:
+    no chains): the chains of the ranks that succeeded, with a warning naming the others."""
+    results = [o for o in outcomes if o is not None and not isinstance(o, EstimateFailure)]
+    failures = [o for o in outcomes if isinstance(o, EstimateFailure)]
     if not results:
-        return failures[0] if failures else "no chain was run"
+        return failures[0] if failures else EstimateFailure("no chain was run")
     if len(results) == 1 and not failures:
         return results[0]
     merged = devinterp.merge_results(results)
     if failures:
-        merged.warnings.append(f"on {len(failures)} rank(s) every chain diverged; their chains "
-                               "are not in λ̂")
+        merged.warnings.append(f"on {len(failures)} rank(s) the estimate failed "
+                               f"({failures[0].reason}); their chains are not in λ̂")
     return merged
 
 

@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import math
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,6 +216,14 @@ def chain_range(num_chains: int, world_size: int, rank: int) -> tuple[int, int]:
     return first, base + (1 if rank < extra else 0)
 
 
+@dataclass(frozen=True)
+class EstimateFailure:
+    """Why a step has no λ̂ (every chain diverged, a non-finite loss at w*, an estimator error):
+    a result of the run, written as a failed row, never a reason to stop training."""
+
+    reason: str
+
+
 def run_estimator(
     model: nn.Module,
     data: Any,
@@ -225,21 +234,29 @@ def run_estimator(
     first_chain: int = 0,
     num_chains: int | None = None,
 ) -> Any:
-    """Run :func:`devinterp.estimate_llc` on chains ``[first_chain, first_chain + num_chains)``.
+    """Run :func:`devinterp.estimate_llc` on chains ``[first_chain, first_chain + num_chains)``,
+    with ``self.log`` silenced and the optimizer out of reach (:func:`estimating`).
 
-    Returns the ``LLCResult``, or a string saying why there is none when every chain diverged
-    (that is a result of the run, recorded as a failed row, not a reason to stop training).
+    Returns the ``LLCResult``, or an :class:`EstimateFailure` when the checkpoint has no λ̂:
+    every chain diverged, or the loss at w* is not finite. Other errors propagate.
     """
-    from devinterp.llc import AllChainsDivergedError, estimate_llc
+    from devinterp.llc import AllChainsDivergedError, NonFiniteLossError, estimate_llc
 
     kwargs = estimator_kwargs(options or {})
     if num_chains is not None:
         kwargs["num_chains"] = num_chains
     try:
-        return estimate_llc(model, data, loss_fn, batch_loss=batch_loss, first_chain=first_chain,
-                            progress=False, **kwargs)
-    except AllChainsDivergedError as e:
-        return str(e).strip().splitlines()[0]
+        with estimating(model):
+            return estimate_llc(model, data, loss_fn, batch_loss=batch_loss,
+                                first_chain=first_chain, progress=False, **kwargs)
+    except (AllChainsDivergedError, NonFiniteLossError) as e:
+        return EstimateFailure(first_line(e))
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _scalar(v: Any) -> bool:
@@ -272,9 +289,10 @@ def failed_row(step: int, reason: str) -> dict[str, Any]:
 
 def record_result(store: RunStore, step: int, result: Any, *, save_trace: bool = True
                   ) -> dict[str, Any]:
-    """Write the row (and the (chain, draw) loss trace) of ``result``; a string is a failure."""
-    if isinstance(result, str):
-        row = failed_row(step, result)
+    """Write the row (and the (chain, draw) loss trace) of ``result``: an ``LLCResult``, or an
+    :class:`EstimateFailure` (a plain string is read as a failure's reason too)."""
+    if isinstance(result, (EstimateFailure, str)):
+        row = failed_row(step, result.reason if isinstance(result, EstimateFailure) else result)
     else:
         row = result_row(step, result)
         if save_trace:
@@ -325,7 +343,10 @@ def track_llc(
         model: the network being trained, at the weights of ``step``.
         step: the training step (optimizer steps taken so far; 0 = initialization).
         store: a :class:`RunStore` or a run-directory path (created if missing).
-        data, loss_fn, batch_loss: what to sample with, as in :func:`devinterp.estimate_llc`.
+        data: what to sample with, as in :func:`devinterp.estimate_llc`.
+        loss_fn, batch_loss: the loss, as in :func:`devinterp.estimate_llc`. Default: the
+            module's, found as :func:`module_loss` says (e.g. a LightningModule's own
+            ``training_step``).
         snapshot: also save the weights (``snapshots/step_*.pt``).
         save_trace: also save the per-chain loss trace, shape (chain, draw).
         **options: estimator options (``num_chains``, ``num_draws``, ``step_size``, ...).
@@ -333,34 +354,195 @@ def track_llc(
     Returns:
         The row written: ``step, llc_mean, llc_std, <diagnostics>, status, reason, ...``.
     """
+    loss = module_loss(model, loss_fn, batch_loss, fix="pass loss_fn= or batch_loss= to "
+                                                      "track_llc")
+    estimator_kwargs(options)
     if not isinstance(store, RunStore):
         store = RunStore(store, create=True)
-    estimator_kwargs(options)
     if store.read_json(SETTINGS_FILE) is None:
         write_settings(store, options)
     if snapshot:
         store.save_snapshot(step, model.state_dict())
     if not weights_finite(model):
-        return record_result(store, step, "non-finite weights at this step")
+        return record_result(store, step, EstimateFailure("non-finite weights at this step"))
     with preserved_training_state(model):
-        result = run_estimator(model, data, loss_fn=loss_fn, batch_loss=batch_loss,
+        result = run_estimator(model, data, loss_fn=loss.loss_fn, batch_loss=loss.batch_loss,
                                options=options)
     return record_result(store, step, result, save_trace=save_trace)
 
 
-def module_loss(module: nn.Module, *, prefer_loss_fn: bool = False
-                ) -> tuple[Callable | None, Callable | None] | None:
-    """The loss a module provides, by the one documented convention: ``(None, batch_loss)`` for
-    a method ``llc_batch_loss(self, forward, batch)``, else ``(loss_fn, None)`` for an attribute
-    ``loss_fn(outputs, targets)``; None when it has neither. ``prefer_loss_fn`` checks
-    ``loss_fn`` first (a run recorded that it sampled with it)."""
-    batch_loss = getattr(module, "llc_batch_loss", None)
-    loss_fn = getattr(module, "loss_fn", None)
-    if callable(batch_loss) and not (prefer_loss_fn and callable(loss_fn)):
-        return None, batch_loss
-    if callable(loss_fn):
-        return loss_fn, None
+# ----------------------------------------------------------------------------------------------
+# The loss: one resolution order for the callback, track_llc and `devinterp estimate`
+# ----------------------------------------------------------------------------------------------
+#: Where the λ̂ loss comes from; the first that exists wins (``LossSpec.kind`` in ``run.json``).
+LOSS_ORDER = ("argument", "module_llc_batch_loss", "module_loss_fn", "module_training_step")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The loss λ̂ samples with: exactly one of ``loss_fn(outputs, targets)`` and
+    ``batch_loss(forward, batch)``, and the convention (:data:`LOSS_ORDER`) that gave it."""
+
+    kind: str
+    loss_fn: Callable[..., Tensor] | None = None
+    batch_loss: Callable[..., Tensor] | None = None
+
+
+def module_loss(
+    module: nn.Module,
+    loss_fn: Callable[..., Tensor] | None = None,
+    batch_loss: Callable[..., Tensor] | None = None,
+    *,
+    recorded: str | None = None,
+    fix: str = "pass loss_fn=(outputs, targets) -> mean loss",
+) -> LossSpec:
+    """The loss to sample ``module`` with, in the one documented order: the ``loss_fn`` (or
+    ``batch_loss``) argument; else a method ``llc_batch_loss(self, forward, batch)``; else an
+    attribute ``loss_fn(outputs, targets)``; else the module's own ``training_step(batch,
+    batch_idx)`` (:class:`TrainingStepLoss`). ``recorded`` (a ``run.json`` loss kind) makes
+    that convention win when the module has it: the run sampled with it.
+
+    Raises:
+        TypeError: both ``loss_fn`` and ``batch_loss``.
+        ValueError: no convention applies, or the training step cannot be a loss (manual
+            optimization); the message names the module, what was tried, and ``fix``.
+    """
+    if loss_fn is not None and batch_loss is not None:
+        raise TypeError("pass one of loss_fn(outputs, targets) or batch_loss(forward, batch), "
+                        "not both")
+    if loss_fn is not None or batch_loss is not None:
+        return LossSpec("argument", loss_fn, batch_loss)
+    name = type(module).__name__
+    found: dict[str, Callable[[], LossSpec]] = {}
+    method = getattr(module, "llc_batch_loss", None)
+    if callable(method):
+        found["module_llc_batch_loss"] = lambda: LossSpec("module_llc_batch_loss",
+                                                          batch_loss=method)
+    attr = getattr(module, "loss_fn", None)
+    if callable(attr):
+        found["module_loss_fn"] = lambda: LossSpec("module_loss_fn", loss_fn=attr)
+    if _has_training_step(module):
+        found["module_training_step"] = lambda: LossSpec(
+            "module_training_step", batch_loss=TrainingStepLoss(module, fix=fix))
+    if not found:
+        raise ValueError(
+            f"{name} has no loss for λ̂: tried an llc_batch_loss(self, forward, batch) method, a "
+            "loss_fn attribute (callable(outputs, targets) -> mean loss) and training_step("
+            f"batch, batch_idx); {fix}, or define llc_batch_loss(self, forward, batch) on {name}"
+        )
+    kind = recorded if recorded in found else next(k for k in LOSS_ORDER if k in found)
+    return found[kind]()
+
+
+def _has_training_step(module: nn.Module) -> bool:
+    """True for a LightningModule that overrides ``training_step``, or any module with one."""
+    if not callable(getattr(module, "training_step", None)):
+        return False
+    pl = sys.modules.get("lightning.pytorch")
+    if pl is not None and isinstance(module, pl.LightningModule):
+        from lightning.pytorch.utilities.model_helpers import is_overridden
+
+        return is_overridden("training_step", module)
+    return True
+
+
+class TrainingStepLoss:
+    """The module's own training objective as a ``batch_loss``: ``training_step(batch, 0)``
+    evaluated at the sampled weights, its tensor (or the ``"loss"`` entry of its dict) the
+    batch loss. Inside it (see :func:`estimating`) ``self.log`` does nothing and the optimizer
+    and schedulers are out of reach; the estimator sets eval mode and restores the random
+    streams. It is the objective as written, regularizers included: λ̂ needs a mean negative
+    log-likelihood, so give ``loss_fn=`` or ``llc_batch_loss`` when the step adds other terms.
+
+    Raises:
+        ValueError: at construction for a module that optimizes manually; when called, for a
+            step that returns None or no scalar loss, or that uses the optimizer.
+    """
+
+    def __init__(self, module: nn.Module, *, fix: str) -> None:
+        self.module = module
+        self._name = type(module).__name__
+        self._fix = f"{fix}, or define llc_batch_loss(self, forward, batch) on {self._name}"
+        if getattr(module, "automatic_optimization", True) is False:
+            raise ValueError(
+                f"{self._name}.training_step cannot be the λ̂ loss: the module optimizes "
+                f"manually (automatic_optimization = False); {self._fix}"
+            )
+        try:
+            params = inspect.signature(module.training_step).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        # Lightning passes batch_idx only to a training_step that takes it.
+        self._with_index = len(params) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
+
+    def __call__(self, forward: Any, batch: Any) -> Tensor:
+        try:
+            out = (self.module.training_step(batch, 0) if self._with_index
+                   else self.module.training_step(batch))
+        except _OptimizerUse as e:
+            raise ValueError(f"{self._name}.training_step calls self.{e.hook}(): it needs the "
+                             f"optimizer, which λ̂ must not touch; {self._fix}") from None
+        loss = out.get("loss") if isinstance(out, Mapping) else out
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            return loss.reshape(())
+        if out is None:
+            got = "None (a skipped batch)"
+        elif isinstance(out, Mapping):
+            got = f"a dict without a scalar 'loss' (keys {sorted(map(str, out))})"
+        elif isinstance(loss, Tensor):
+            got = f"a tensor of shape {tuple(loss.shape)}"
+        else:
+            got = f"a {type(out).__name__}"
+        raise ValueError(f"{self._name}.training_step returned {got}, not a scalar loss tensor "
+                         f"or a dict with a scalar 'loss'; {self._fix}")
+
+
+class _OptimizerUse(RuntimeError):
+    """A loss called an optimizer or scheduler hook while λ̂ was estimated."""
+
+    def __init__(self, hook: str) -> None:
+        super().__init__(f"self.{hook}() is not available while λ̂ is estimated: the loss must "
+                         "not use the optimizer or the schedulers")
+        self.hook = hook
+
+
+_MISSING = object()
+_SILENCED = ("log", "log_dict")
+_OPTIMIZER_HOOKS = ("optimizers", "lr_schedulers", "manual_backward", "toggle_optimizer",
+                    "untoggle_optimizer", "clip_gradients")
+
+
+@contextlib.contextmanager
+def estimating(model: nn.Module) -> Iterator[None]:
+    """While λ̂ is estimated, in every LightningModule of ``model``: ``self.log`` and
+    ``self.log_dict`` do nothing (no value reaches a logger, with or without a trainer), and the
+    optimizer and scheduler hooks (``self.optimizers()``, ``manual_backward``, ...) raise, so a
+    loss that runs training code cannot step them. Undone after the block."""
+    pl = sys.modules.get("lightning.pytorch")
+    modules = [m for m in model.modules() if pl is not None and isinstance(m, pl.LightningModule)]
+    saved = [(m, name, m.__dict__.get(name, _MISSING)) for m in modules
+             for name in (*_SILENCED, *_OPTIMIZER_HOOKS)]
+    for m, name, _ in saved:
+        m.__dict__[name] = _nothing if name in _SILENCED else _refusing(name)
+    try:
+        yield
+    finally:
+        for m, name, value in saved:
+            if value is _MISSING:
+                m.__dict__.pop(name, None)
+            else:
+                m.__dict__[name] = value
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _refusing(name: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise _OptimizerUse(name)
+
+    return refuse
 
 
 def training_data(loader: Any) -> Any:

@@ -16,6 +16,7 @@ from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
 from llc_models import FAST, DictBatches, Tiny, TinyWithVal, regression_data, trainer
+from plain_modules import Regressor
 from torch import nn
 
 from devinterp import LLCCallback, load_run
@@ -38,12 +39,14 @@ def snapshot_steps(path) -> list[int]:
 
 
 # -- training untouched ------------------------------------------------------------------------
-def test_training_is_bit_identical_with_and_without_the_callback(tmp_path):
+@pytest.mark.parametrize("module_class", [Tiny, Regressor])
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, module_class):
     """Dropout (random stream), BatchNorm (buffers), Adam (optimizer state), a shuffling loader
-    (the loader's seed comes from the global stream): all must end exactly equal."""
+    (the loader's seed comes from the global stream): all must end exactly equal, with a
+    ``loss_fn`` attribute (Tiny) and with the unchanged module's own training_step."""
     def run(with_callback: bool):
         pl.seed_everything(0, verbose=False)
-        module = Tiny(dropout=0.2, batchnorm=True)
+        module = module_class(dropout=0.2, batchnorm=True)
         cbs = [LLCCallback(tmp_path / "run", every_n_train_steps=3, progress=False, **FAST)] \
             if with_callback else []
         t = fit(tmp_path, module, callbacks=cbs, max_steps=7)
@@ -195,18 +198,24 @@ def test_sharded_strategies_are_refused():
 
 
 class NoLoss(Tiny):
+    """Manual optimization and no loss_fn or llc_batch_loss: no convention gives a loss."""
+
     def __init__(self) -> None:
         super().__init__()
         del self.loss_fn
+        self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
-        return nn.functional.mse_loss(self(batch[0]), batch[1])
+        loss = nn.functional.mse_loss(self(batch[0]), batch[1])
+        self.manual_backward(loss)
+        self.optimizers().step()
 
 
 def test_missing_loss_is_reported_before_training(tmp_path):
     module = NoLoss()
     cb = LLCCallback(tmp_path, every_n_train_steps=2, progress=False)
-    with pytest.raises(ValueError, match="no `loss_fn` attribute .* pass loss_fn="):
+    with pytest.raises(ValueError, match=r"NoLoss.training_step cannot be the λ̂ loss: .*"
+                       r"pass loss_fn=.* to LLCCallback, or define llc_batch_loss"):
         fit(tmp_path, module, callbacks=[cb])
     assert module.global_step == 0
 
@@ -327,7 +336,8 @@ class Crash(Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_resume_after_crash_gives_the_uninterrupted_table(tmp_path):
+@pytest.mark.parametrize("module_class", [Tiny, Regressor])
+def test_resume_after_crash_gives_the_uninterrupted_table(tmp_path, module_class):
     def callbacks(run_dir, ckpt_dir, crash=None):
         cbs = [LLCCallback(run_dir, every_n_train_steps=3, progress=False, **FAST),
                ModelCheckpoint(ckpt_dir, every_n_train_steps=4, save_top_k=-1)]
@@ -336,7 +346,7 @@ def test_resume_after_crash_gives_the_uninterrupted_table(tmp_path):
     common = dict(max_steps=10, enable_checkpointing=True)
 
     def module():
-        return Tiny(shuffle=False)
+        return module_class(shuffle=False)
 
     fit(tmp_path, module, callbacks=callbacks(tmp_path / "ref", tmp_path / "c0"), **common)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -350,6 +360,7 @@ def test_resume_after_crash_gives_the_uninterrupted_table(tmp_path):
     assert run.llc["step"].tolist() == [0, 3, 6, 9]
     pd.testing.assert_frame_equal(run.llc, ref.llc)
     assert run.metrics["step"].is_unique
+    pd.testing.assert_frame_equal(run.metrics, ref.metrics)
 
 
 def test_state_dict_round_trip_keeps_done_steps_and_directory(tmp_path):
@@ -418,8 +429,9 @@ def test_built_from_yaml_like_lightning_cli_with_every_argument_documented():
 
 def test_module_loss_convention_is_one_function():
     """llc_batch_loss wins over loss_fn, unless the run recorded that it sampled with loss_fn;
-    neither: None (the callback and devinterp estimate then name what to add)."""
-    from devinterp.fabric import module_loss
+    neither (and no training_step): an error naming what to add. The full order, training_step
+    included, is in tests/test_training_step_loss.py."""
+    from devinterp.fabric import LossSpec, module_loss
 
     class Both(nn.Module):
         loss_fn = staticmethod(nn.functional.mse_loss)
@@ -428,6 +440,8 @@ def test_module_loss_convention_is_one_function():
             return forward(batch[0]).sum()
 
     both = Both()
-    assert module_loss(both) == (None, both.llc_batch_loss)
-    assert module_loss(both, prefer_loss_fn=True) == (nn.functional.mse_loss, None)
-    assert module_loss(nn.Linear(2, 1)) is None
+    assert module_loss(both) == LossSpec("module_llc_batch_loss", batch_loss=both.llc_batch_loss)
+    assert module_loss(both, recorded="module_loss_fn") == LossSpec(
+        "module_loss_fn", loss_fn=nn.functional.mse_loss)
+    with pytest.raises(ValueError, match="^Linear has no loss for λ̂"):
+        module_loss(nn.Linear(2, 1))

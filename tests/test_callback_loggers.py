@@ -6,10 +6,12 @@ import json
 import struct
 import time
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from llc_models import FAST, Tiny, trainer
 
@@ -221,3 +223,39 @@ def test_no_logger_works_and_warns_once(tmp_path):
         fit(tmp_path, False)
     assert load_run(tmp_path / "run").llc["step"].tolist() == STEPS
     assert sum("has no logger" in str(w.message) for w in caught) == 1
+
+
+class FillTheDisk(Callback):
+    """Once the CSVLogger's directory exists, every file it writes goes to /dev/full, which
+    fails each write with ENOSPC: a disk that filled up under the logger."""
+
+    def __init__(self, logger: CSVLogger) -> None:
+        self.logger = logger
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        for name in ("metrics.csv", "hparams.yaml"):
+            path = Path(self.logger.log_dir) / name
+            path.unlink(missing_ok=True)
+            path.symlink_to("/dev/full")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_under_csv_logger_warns_once_and_training_goes_on(tmp_path):
+    """CSVLogger writes in log_hyperparams, save (after every log_metrics) and finalize: each
+    raises on a full disk, none ends training, and λ̂ and the training metrics are all in the
+    run store."""
+    csv = CSVLogger(tmp_path / "logs")
+    pl.seed_everything(0, verbose=False)
+    cb = LLCCallback(tmp_path / "run", every_n_train_steps=4, progress=False, **FAST)
+    t = trainer(tmp_path, [FillTheDisk(csv), cb], logger=csv, max_steps=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(Tiny())
+    assert t.global_step == 8
+    run = load_run(tmp_path / "run")
+    assert run.llc["step"].tolist() == STEPS and (run.llc["status"] == "ok").all()
+    assert run.metrics["train_loss"].notna().sum() == 8
+    ours = [str(w.message) for w in caught if "CSVLogger." in str(w.message)]
+    assert len(ours) == 1 and "CSVLogger.log_hyperparams failed" in ours[0]
+    assert "No space left on device" in ours[0]
+    assert not set(vars(csv)) & {"log_metrics", "log_hyperparams", "save", "finalize"}

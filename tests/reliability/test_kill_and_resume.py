@@ -1,5 +1,6 @@
 """SIGKILL (not an exception) during training and during estimation, then resume: the λ̂ table
-ends complete, with no duplicate row, and no reader ever sees a partial table."""
+and the training metrics end complete, with no duplicate row, and no reader ever sees a partial
+table."""
 
 from __future__ import annotations
 
@@ -24,11 +25,16 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-    from llc_models import FAST, Tiny, trainer
+    from llc_models import FAST, TinyWithVal, trainer
+    from plain_modules import Regressor
     import devinterp.llc
     from devinterp import LLCCallback
 
-    run_dir, ckpt_dir, kill, resume = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    run_dir, ckpt_dir, kill, resume, name = sys.argv[1:6]
+    # TinyWithVal: a loss_fn attribute, and validation at the checkpoint steps (its val_loss
+    # row is recorded after the checkpoint is saved); Regressor: an unchanged module, λ̂ from
+    # its own training_step.
+    module = {"TinyWithVal": TinyWithVal, "Regressor": Regressor}[name]
 
     class KillDuringTraining(Callback):
         def on_train_batch_end(self, trainer, *args):
@@ -51,17 +57,17 @@ SCRIPT = textwrap.dedent(
     ckpts = sorted(Path(ckpt_dir).glob("*.ckpt"), key=os.path.getmtime)
     ckpt = str(ckpts[-1]) if resume == "resume" and ckpts else None
     trainer(Path(run_dir).parent, callbacks, max_steps=10,
-            enable_checkpointing=True).fit(Tiny(shuffle=False), ckpt_path=ckpt)
+            enable_checkpointing=True).fit(module(shuffle=False), ckpt_path=ckpt)
     """
 )
 
 
-def train(tmp_path: Path, name: str, kill: str, resume: bool) -> int:
+def train(tmp_path: Path, name: str, kill: str, resume: bool, module: str) -> int:
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     cmd = [sys.executable, str(script), str(tmp_path / name), str(tmp_path / f"{name}-ckpt"),
-           kill, "resume" if resume else "fresh"]
+           kill, "resume" if resume else "fresh", module]
     return subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode
 
 
@@ -74,20 +80,25 @@ def assert_clean_table(run_dir: Path) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", ["training", "estimation"])
-def test_sigkill_then_resume_gives_the_uninterrupted_table(tmp_path, kill):
-    assert train(tmp_path, "ref", "none", resume=False) == 0
+@pytest.mark.parametrize(("kill", "module"), [
+    ("training", "TinyWithVal"), ("estimation", "TinyWithVal"), ("training", "Regressor"),
+])
+def test_sigkill_then_resume_gives_the_uninterrupted_table(tmp_path, kill, module):
+    assert train(tmp_path, "ref", "none", resume=False, module=module) == 0
     reference = assert_clean_table(tmp_path / "ref")
     assert reference["step"].tolist() == [0, 3, 6, 9]
 
-    assert train(tmp_path, "run", kill, resume=False) == -signal.SIGKILL
+    assert train(tmp_path, "run", kill, resume=False, module=module) == -signal.SIGKILL
     killed = assert_clean_table(tmp_path / "run")  # parseable, nothing duplicated
     assert killed["step"].tolist() == ([0, 3, 6] if kill == "training" else [0, 3])
 
-    assert train(tmp_path, "run", "none", resume=True) == 0
+    assert train(tmp_path, "run", "none", resume=True, module=module) == 0
     resumed = assert_clean_table(tmp_path / "run")
     cols = ["step", "llc_mean", "llc_std", "status"]
     pd.testing.assert_frame_equal(resumed[cols], reference[cols])
+    # Every training metric too, the validation row of the checkpoint step included.
+    pd.testing.assert_frame_equal(load_run(tmp_path / "run").metrics,
+                                  load_run(tmp_path / "ref").metrics)
 
 
 WRITER = textwrap.dedent(
