@@ -638,22 +638,17 @@ class _ModelBuilder:
 
     def loss(self, model: nn.Module, loss_fn: Any, batch_loss: Any
              ) -> tuple[Callable | None, Callable | None]:
-        if batch_loss is not None:
-            return None, batch_loss
+        """``(loss_fn, batch_loss)``: the one given, else the function ``run.json`` records,
+        else the module's, in ``fabric.module_loss``'s order with the recorded convention
+        first (``llc_batch_loss``, ``loss_fn``, ``training_step``)."""
         if isinstance(loss_fn, str):
             loss_fn = load_object(loss_fn)
-        if loss_fn is not None:
-            return loss_fn, None
         recipe = self.meta.get("loss") or {}
-        if recipe.get("kind") == "function":
-            return load_object(recipe["path"]), None
-        found = module_loss(model, prefer_loss_fn=recipe.get("kind") == "module_loss_fn")
-        if found is not None:
-            return found
-        raise ValueError(
-            f"cannot rebuild the loss for {self.store.path}: the module has no `loss_fn` or "
-            "`llc_batch_loss`; pass --loss package.module:function (outputs, targets) -> loss"
-        )
+        if loss_fn is None and batch_loss is None and recipe.get("kind") == "function":
+            loss_fn = load_object(recipe["path"])
+        found = module_loss(model, loss_fn, batch_loss, recorded=recipe.get("kind"),
+                            fix="pass --loss package.module:function (outputs, targets) -> loss")
+        return found.loss_fn, found.batch_loss
 
 
 def _overrides_train_dataloader(model: nn.Module) -> bool:
