@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -56,6 +55,13 @@ SETTINGS_ID_KEYS = ("num_chains", "num_draws", "num_burnin", "batch_size", "step
                     "localization", "nbeta", "sampler", "seed", "num_samples", "weights")
 
 
+#: :func:`devinterp.estimate_llc`'s defaults for those keys (``num_burnin``: half the draws;
+#: ``nbeta``: n/log n; ``num_samples``: the data's length). Spelled out here so reading a run
+#: never imports torch; ``tests/test_store_integrity.py`` checks them against the estimator.
+ESTIMATOR_DEFAULTS = {"num_chains": 8, "num_draws": 400, "batch_size": 256, "step_size": "auto",
+                      "localization": 1.0, "sampler": "rmsprop_sgld", "seed": 0}
+
+
 class MixedSettingsError(ValueError):
     """A λ̂ row would join a table whose other rows were estimated with other settings."""
 
@@ -68,19 +74,12 @@ def settings_id(settings: Mapping[str, Any]) -> str:
     default hash alike. ``step_size="auto"`` hashes as ``"auto"``: the step it picks may differ
     between checkpoints, the procedure does not.
     """
-    from devinterp.llc import DEFAULT_LOCALIZATION, estimate_llc
-
-    defaults = inspect.signature(estimate_llc).parameters
     resolved: dict[str, Any] = {}
     for k in SETTINGS_ID_KEYS:
         v = settings.get(k)
-        if v is None and k in defaults:
-            v = defaults[k].default
-        resolved[k] = v
+        resolved[k] = ESTIMATOR_DEFAULTS.get(k) if v is None else v
     if resolved["num_burnin"] is None and isinstance(resolved["num_draws"], int):
         resolved["num_burnin"] = resolved["num_draws"] // 2
-    if resolved["localization"] is None:
-        resolved["localization"] = DEFAULT_LOCALIZATION
     for k in ("step_size", "localization", "nbeta"):
         if isinstance(resolved[k], (int, float)) and not isinstance(resolved[k], bool):
             resolved[k] = float(resolved[k])

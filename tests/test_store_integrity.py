@@ -25,8 +25,10 @@ from devinterp import LLCCallback, load_run
 from devinterp.cli import main as cli_main
 from devinterp.posthoc import estimate_run
 from devinterp.store import (
+    ESTIMATOR_DEFAULTS,
     LLC_FILE,
     SETTINGS_FILE,
+    SETTINGS_ID_KEYS,
     MixedSettingsError,
     RunStore,
     file_sha256,
@@ -56,6 +58,25 @@ def num_draws(run: Path) -> dict[int, int]:
     table = load_run(run).llc
     return dict(zip(table["step"].tolist(), table["num_draws"].astype(int).tolist(),
                     strict=True))
+
+
+def test_the_stores_defaults_are_the_estimators():
+    """The store spells out estimate_llc's defaults (reading a run must not import torch)."""
+    import inspect
+
+    from devinterp.llc import DEFAULT_LOCALIZATION, estimate_llc
+
+    params = inspect.signature(estimate_llc).parameters
+    for key, value in ESTIMATOR_DEFAULTS.items():
+        want = DEFAULT_LOCALIZATION if key == "localization" else params[key].default
+        assert value == want, key
+    assert {k for k in SETTINGS_ID_KEYS if params[k].default is not None} <= set(
+        ESTIMATOR_DEFAULTS)
+    code = ("import sys; from devinterp.store import settings_id; settings_id({}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout
+    assert out.strip() == "False"
 
 
 def test_settings_id_counts_defaults_as_given_and_tells_settings_apart():
