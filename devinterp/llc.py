@@ -39,6 +39,9 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 BatchLoss = Callable[[Callable[..., Any], Any], Tensor]
 
 DEFAULT_LOCALIZATION = 1.0
+#: Below this many sampled parameters × batch size, estimate_llc runs on one CPU thread by
+#: default: per-op work is too small to split (``python tools/bench_threads.py``).
+SMALL_MODEL_WORK = 2**26
 _STEP_CAP = 0.1  # auto step: ε·(nβ·λ_max(H) + γ) <= this (top-direction bias ~ ε·a/4 = 2.5 %)
 _DIVERGENCE_FACTOR = 1e4
 
@@ -213,22 +216,26 @@ def merge_results(results: Sequence[LLCResult]) -> LLCResult:
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
-def _to_device(batch: Any, device: torch.device) -> Any:
+def _to_device(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
+    """``batch`` on ``device``; with ``dtype``, its floating-point tensors cast to it."""
     if isinstance(batch, Tensor):
+        if dtype is not None and batch.is_floating_point():
+            return batch.to(device, dtype, non_blocking=True)
         return batch.to(device, non_blocking=True)
     if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: _to_device(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch) if not hasattr(
-            batch, "_fields") else type(batch)(*(_to_device(v, device) for v in batch))
+        parts = [_to_device(v, device, dtype) for v in batch]
+        return type(batch)(*parts) if hasattr(batch, "_fields") else type(batch)(parts)
     return batch
 
 
 class _TensorBatches:
     """Minibatches drawn without replacement (a fresh permutation per epoch) from tensors."""
 
-    def __init__(self, inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device):
-        self.inputs, self.targets = inputs.to(device), targets.to(device)
+    def __init__(self, inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device,
+                 dtype: torch.dtype | None = None):
+        self.inputs, self.targets = _to_device((inputs, targets), device, dtype)
         self.n = len(inputs)
         self.batch_size = min(batch_size, self.n)
 
@@ -264,19 +271,29 @@ class _TensorBatches:
             cache = torch.cat(parts)
             if cache.shape != (self.n,):
                 return None
-            x, y = self.inputs[: self.batch_size], self.targets[: self.batch_size]
-            direct = loss_fn(loss(x), y).double()
-            if not torch.allclose(cache[: self.batch_size].mean(), direct, rtol=1e-5,
-                                  atol=1e-7):
-                return None  # not a mean of per-sample terms
+            # The batch loss must be the mean of these terms on every batch, not just on one:
+            # a token-mean over padded sequences or a class-weighted loss equals it on a batch
+            # that happens to be uniform (e.g. the first rows of class-sorted data), and a
+            # mis-paired baseline biases λ̂ with no other sign. So compare on the first and
+            # last rows and on random batches.
+            b = self.batch_size
+            g = torch.Generator().manual_seed(1234)
+            checks = [torch.arange(b), torch.arange(self.n - b, self.n)]
+            checks += [torch.randperm(self.n, generator=g)[:b] for _ in range(3)]
+            for idx in checks:
+                idx = idx.to(self.inputs.device)
+                direct = loss_fn(loss(self.inputs[idx]), self.targets[idx]).double()
+                if not torch.allclose(cache[idx].mean(), direct, rtol=1e-5, atol=1e-7):
+                    return None  # not a mean of per-sample terms: pay a paired forward
         return cache
 
 
 class _LoaderBatches:
     """Minibatches from a DataLoader, reshuffled from ``seed`` (never the global RNG)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, n: int | None):
-        self.loader, self.device, self.n = loader, device, n
+    def __init__(self, loader: DataLoader, device: torch.device, n: int | None,
+                 dtype: torch.dtype | None = None):
+        self.loader, self.device, self.n, self.dtype = loader, device, n, dtype
 
     def indexed(self, seed: int) -> Iterator[tuple[Tensor | None, Any]]:
         for batch in self.iterate(seed):
@@ -294,13 +311,13 @@ class _LoaderBatches:
             empty = True
             for batch in loader:
                 empty = False
-                yield _to_device(batch, self.device)
+                yield _to_device(batch, self.device, self.dtype)
             if empty:
                 raise ValueError("data is empty: the DataLoader produced no batch")
 
 
-def _batch_source(data: Any, batch_size: int, device: torch.device,
-                  num_samples: int | None) -> _TensorBatches | _LoaderBatches:
+def _batch_source(data: Any, batch_size: int, device: torch.device, num_samples: int | None,
+                  dtype: torch.dtype | None = None) -> _TensorBatches | _LoaderBatches:
     if isinstance(data, (tuple, list)) and len(data) == 2 and all(
         isinstance(t, Tensor) for t in data
     ):
@@ -310,24 +327,24 @@ def _batch_source(data: Any, batch_size: int, device: torch.device,
                              "pass tensors with the same first dimension")
         if len(x) == 0:
             raise ValueError("data is empty: pass at least one sample")
-        return _TensorBatches(x, y, batch_size, device)
+        return _TensorBatches(x, y, batch_size, device, dtype)
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        return _batch_source(tuple(data.tensors), batch_size, device, num_samples)
+        return _batch_source(tuple(data.tensors), batch_size, device, num_samples, dtype)
     if isinstance(data, DataLoader):
         n = num_samples
         if n is None and not isinstance(data.dataset, IterableDataset):
             n = len(data.dataset)
         if n == 0:
             raise ValueError("data is empty: the DataLoader's dataset has no sample")
-        return _LoaderBatches(data, device, n)
+        return _LoaderBatches(data, device, n, dtype)
     if isinstance(data, Dataset):
         if isinstance(data, IterableDataset):
             loader = DataLoader(data, batch_size=batch_size)
-            return _LoaderBatches(loader, device, num_samples)
+            return _LoaderBatches(loader, device, num_samples, dtype)
         if len(data) == 0:
             raise ValueError("data is empty: the Dataset has no sample")
         loader = DataLoader(data, batch_size=min(batch_size, len(data)))
-        return _LoaderBatches(loader, device, len(data))
+        return _LoaderBatches(loader, device, len(data), dtype)
     raise TypeError(
         f"data must be a Dataset, a DataLoader or a tuple (inputs, targets) of tensors, got "
         f"{type(data).__name__}"
@@ -412,7 +429,7 @@ class _ChainRun:
     accept: np.ndarray  # (chain,) mean MALA acceptance over recorded transitions
     diverged: np.ndarray  # (chain,) bool
     final: dict[str, Tensor]  # last positions (chain, *param)
-    divergences: list[dict[str, Any]]  # per diverged chain: chain, step, phase, loss, cause
+    divergences: list[dict[str, Any]]  # per diverged chain: chain, step, phase, loss
 
 
 def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: float,
@@ -420,6 +437,9 @@ def _run_chains(prob: _Problem, chains: Sequence[int], *, seed: int, step_size: 
                 num_draws: int, vectorize: bool, accept_every: int = 32,
                 progress: Any = None) -> _ChainRun:
     """Run the given chains from w* and record losses after burn-in (one chunk of chains)."""
+    # The start w* is never a draw (its loss is the baseline: counting it biases λ̂ low), so
+    # with num_burnin=0 the first draw is the position after one step.
+    num_burnin = max(num_burnin, 1)
     C = len(chains)
     anchor_c = {k: v.unsqueeze(0).expand(C, *v.shape) for k, v in prob.anchor.items()}
     state = sampling.sampler_init(anchor_c, sampler)
@@ -700,6 +720,7 @@ def estimate_llc(
     first_chain: int = 0,
     chain_chunk_size: int | None = None,
     vectorize: bool = True,
+    num_threads: int | None = None,
     progress: bool = False,
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
@@ -723,7 +744,7 @@ def estimate_llc(
         num_chains: number of independent chains (λ̂ per chain, std across chains).
         num_draws: recorded draws per chain, after burn-in.
         num_burnin: steps discarded at the start of each chain (they start at w* and would bias
-            λ̂ low). Default: ``num_draws // 2``.
+            λ̂ low). Default: ``num_draws // 2``. The start w* itself is never a draw.
         batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own).
         step_size: ε, or ``"auto"``: ε from the top Hessian eigenvalue (ε·(nβ·λ_max + γ) =
             0.1) and short pilot chains that must not diverge and must keep a MALA acceptance
@@ -746,6 +767,10 @@ def estimate_llc(
             ranges (DDP ranks) reproduce one run. Merge them with :func:`merge_results`.
         chain_chunk_size: run at most this many chains at once (memory); same numbers.
         vectorize: batch chains with ``torch.func.vmap`` (True) or loop over them (False).
+        num_threads: torch intra-op threads during the call (restored afterwards). Default:
+            one thread when the model is small (sampled parameters × batch size below
+            :data:`SMALL_MODEL_WORK`), where thread hand-offs cost more than they save
+            (``tools/bench_threads.py``), else torch's setting.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -757,9 +782,9 @@ def estimate_llc(
     """
     t_start = time.perf_counter()
     params = sampled_parameters(model, weights)
-    for name, value in (("num_chains", num_chains), ("num_draws", num_draws)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    for name, value, low in (("num_chains", num_chains, 1), ("num_draws", num_draws, 2)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if num_burnin is not None and (not isinstance(num_burnin, int) or num_burnin < 0):
         raise ValueError(f"num_burnin must be an integer >= 0 or None, got {num_burnin!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -769,17 +794,27 @@ def estimate_llc(
                         "batch_loss(forward, batch)")
     if sampler not in sampling.SAMPLERS:
         raise ValueError(f"sampler must be one of {sampling.SAMPLERS}, got {sampler!r}")
-    if step_size != "auto" and not (isinstance(step_size, (int, float)) and step_size > 0):
-        raise ValueError(f"step_size must be a positive float or 'auto', got {step_size!r}")
-    if localization is not None and localization < 0:
-        raise ValueError(f"localization must be >= 0, got {localization}")
-    if nbeta is not None and not nbeta > 0:
-        raise ValueError(f"nbeta must be > 0, got {nbeta}")
+    if step_size != "auto" and not (isinstance(step_size, (int, float))
+                                    and 0 < step_size < math.inf):
+        raise ValueError(f"step_size must be a positive finite float or 'auto', got "
+                         f"{step_size!r}")
+    if localization is not None and not 0 <= localization < math.inf:
+        raise ValueError(f"localization must be a finite float >= 0, got {localization}")
+    if nbeta is not None and not 0 < nbeta < math.inf:
+        raise ValueError(f"nbeta must be a finite float > 0, got {nbeta}")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be an integer >= 1 or None, got {num_threads!r}")
     if chain_chunk_size is not None and chain_chunk_size < 1:
         raise ValueError(f"chain_chunk_size must be >= 1, got {chain_chunk_size}")
 
     dev = torch.device(device) if device is not None else next(iter(params.values())).device
-    source = _batch_source(data, batch_size, dev, num_samples)
+    # Half-precision weights cannot hold a Langevin step (w + ε·drift rounds back to w, and
+    # λ̂ reads ~0): sample in float32 master weights, with data cast to match.
+    model_dtype = next(iter(params.values())).dtype
+    work = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else None
+    source = _batch_source(data, batch_size, dev, num_samples, work)
     n = source.n
     if nbeta is None:
         if n is None:
@@ -792,14 +827,20 @@ def estimate_llc(
     burnin = num_draws // 2 if num_burnin is None else num_burnin
 
     named = dict(model.named_parameters())
-    anchor = {k: v.detach().to(dev).clone() for k, v in params.items()}
-    consts = {k: v.detach().to(dev) for k, v in named.items() if k not in params}
-    consts.update({k: v.detach().to(dev) for k, v in model.named_buffers()})
+    anchor = {k: _to_device(v.detach(), dev, work).clone() for k, v in params.items()}
+    consts = {k: _to_device(v.detach(), dev, work) for k, v in named.items() if k not in params}
+    consts.update({k: _to_device(v.detach(), dev, work) for k, v in model.named_buffers()})
     prob = _Problem(model, anchor, consts, loss_fn, batch_loss, source, dev)
 
     modes = [(m, m.training) for m in model.modules()]
     cuda = [dev.index or 0] if dev.type == "cuda" else []
+    threads = torch.get_num_threads()
+    if num_threads is None and dev.type == "cpu" and (
+            sum(p.numel() for p in params.values()) * batch_size < SMALL_MODEL_WORK):
+        num_threads = 1
     try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         model.eval()
         with torch.random.fork_rng(devices=cuda):
             _check_loss(prob, seed)
@@ -839,6 +880,7 @@ def estimate_llc(
     finally:
         for m, was_training in modes:
             m.training = was_training
+        torch.set_num_threads(threads)
 
     loss = np.concatenate([r.loss for r in runs])
     baseline = runs[0].baseline
@@ -847,7 +889,9 @@ def estimate_llc(
         "num_chains": num_chains, "num_draws": num_draws, "num_burnin": burnin,
         "batch_size": getattr(source, "batch_size", batch_size), "sampler": sampler,
         "seed": seed, "num_samples": n, "step_size_auto": step_size == "auto",
-        "vectorize": vectorize,
+        "vectorize": vectorize, "model_dtype": str(model_dtype).removeprefix("torch."),
+        "sample_dtype": str(work or model_dtype).removeprefix("torch."),
+        "num_threads": num_threads or threads,
         "weights": None if weights is None else list(weights),
         "num_sampled_params": sum(p.numel() for p in params.values()),
     }
@@ -906,9 +950,10 @@ def sampled_parameters(model: nn.Module, weights: Sequence[str] | None
     return {n: p for n, p in named.items() if n in chosen}
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 200) -> str:
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+    line = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {line[:limit]}{'...' if len(line) > limit else ''}"
 
 
 def _vmap_works(prob: _Problem, seed: int, notes: list[str]) -> bool:
@@ -930,10 +975,11 @@ def _vmap_works(prob: _Problem, seed: int, notes: list[str]) -> bool:
         except Exception as seq_error:  # noqa: BLE001
             raise RuntimeError(
                 f"cannot differentiate the loss of {type(prob.model).__name__} with respect to "
-                f"its weights: vectorized over chains ({_first_line(vmap_error)}) nor one chain "
-                f"at a time ({_first_line(seq_error)}); the loss must be a differentiable "
-                "function of the weights (no .detach()/.item() on the path, no optimizer "
-                "step); pass loss_fn= or batch_loss= that computes it") from seq_error
+                f"its weights, neither vectorized over chains ({_first_line(vmap_error)}) nor "
+                f"one chain at a time ({_first_line(seq_error)}); the loss must be a "
+                "differentiable function of the weights (no .detach(), .item() or numpy on "
+                "the path, no optimizer step); pass loss_fn= or batch_loss= that computes it"
+            ) from seq_error
         message = (f"torch.func.vmap cannot batch {type(prob.model).__name__} over chains "
                    f"({_first_line(vmap_error)}); its chains ran one at a time (same numbers, "
                    "slower); pass vectorize=False to skip this check")

@@ -47,3 +47,19 @@ def test_bad_arguments():
         theory.deep_linear_network_llc([3, 2, 3], 3)
     with pytest.raises(ValueError, match="powers"):
         theory.separable_sum_llc([0])
+
+
+def test_tempered_posterior_quadrature_matches_the_localized_quadratic():
+    """For K = a·w²/2 under localization γ the exact value is nβ·a / (2(nβ·a + γ))."""
+    import numpy as np
+
+    for a, nbeta, gamma in [(1.0, 100.0, 1.0), (0.02, 50.0, 1.0), (3.0, 10.0, 0.0)]:
+        exact = nbeta * a / (2 * (nbeta * a + gamma))
+        got = theory.tempered_posterior_llc(lambda w, a=a: 0.5 * a * w**2, 1, nbeta, gamma)
+        assert got == pytest.approx(exact, rel=1e-3), (a, nbeta, gamma)
+        two = theory.tempered_posterior_llc(lambda u, v, a=a: 0.5 * a * (u**2 + v**2), 2, nbeta,
+                                            gamma, points=801)
+        assert two == pytest.approx(2 * exact, rel=1e-3)
+    with pytest.raises(ValueError, match="1 to 3"):
+        theory.tempered_posterior_llc(lambda *w: sum(w), 4, 1.0, 1.0)
+    assert np.isfinite(theory.tempered_posterior_llc(lambda w: w**4, 1, 1e4, 1.0))

@@ -118,7 +118,7 @@ def speed(name: str, widths: list[int], device: torch.device, chains: int, draws
                        nbeta=nbeta, gamma=gamma)
     t_vmap = vmapped_loop(model, x, y, chains=chains, steps=draws, batch=batch, eps=eps,
                           nbeta=nbeta, gamma=gamma)
-    t_one, _ = timed_estimate(model, (x, y), num_draws=1, num_burnin=0, step_size=eps,
+    t_one, _ = timed_estimate(model, (x, y), num_draws=2, num_burnin=0, step_size=eps,
                               sampler="sgld", **common)
     t_sgld, _ = timed_estimate(model, (x, y), num_draws=draws, num_burnin=0, step_size=eps,
                                sampler="sgld", **common)
@@ -126,8 +126,10 @@ def speed(name: str, widths: list[int], device: torch.device, chains: int, draws
                               sampler="rmsprop_sgld", **common)
     t_fixed_default, _ = timed_estimate(model, (x, y), num_draws=draws, step_size=eps, **common)
     t_auto, r_auto = timed_estimate(model, (x, y), num_draws=draws, **common)
-    per_step = (t_sgld - t_one) / (draws - 1)
-    fixed = t_one - per_step
+    # With num_burnin=0 a call still takes one step before its first draw (w* is never a
+    # draw): t_one covers 3 steps, t_sgld draws + 1.
+    per_step = (t_sgld - t_one) / (draws - 2)
+    fixed = t_one - 3 * per_step
     print(f"\n{name}: {d:,} parameters, {chains} chains x {draws} draws, batch {batch}, "
           f"{device}")
     print(f"  bare sequential loop        {1e3 * t_bare / draws:8.2f} ms/step (all chains)")
