@@ -666,3 +666,19 @@ def test_static_files_are_package_data() -> None:
     for script in (assets.SCRIPT, assets.INDEX_SCRIPT):
         assert "function el(tag, className, text)" in script and "@helpers" not in script
         assert ".innerHTML" not in script  # run strings go in through textContent only
+
+
+def test_problems_merge_chains_of_warnings(tmp_path: Path) -> None:
+    """Two warnings about one root cause, each naming a different pair of rules, end as one
+    problem with every flag in it once."""
+    from devinterp.dashboard.figures import problems
+
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_llc_row({"step": 0, "llc_mean": -1.0, "llc_std": 0.1, "rhat": 1.4,
+                         "frac_below_baseline": 0.9,
+                         "warnings": "90% of draws have a loss below the loss at w* | "
+                                     "split R-hat is 1.40, draws below the loss at w*"})
+    flags = health_flags(load_run(store.path).llc)
+    found = problems(flags)
+    assert [p.first.column for p in found] == ["llc_mean"]
+    assert sorted(map(id, found[0].flags)) == sorted(map(id, flags))

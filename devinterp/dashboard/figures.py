@@ -307,20 +307,25 @@ def problems(flags: Sequence[Flag]) -> list[Problem]:
             (warnings if column_key(f.column) == "warnings" else rules).append(f)
         joined: dict[int, list[Flag]] = {id(f): [f] for f in rules}
         why: dict[int, str] = {id(f): f.why for f in rules}
+        head_of: dict[int, Flag] = {id(f): f for f in rules}  # the problem a flag is part of
         for w in warnings:
             hits = [f for f in rules if (r := rule_for(f.column)) is not None
                     and r.warning_marker and r.warning_marker in w.why]
             if not hits:
-                joined[id(w)], why[id(w)] = [w], w.why
+                joined[id(w)], why[id(w)], head_of[id(w)] = [w], w.why, w
                 rules.append(w)
                 continue
-            head = min(hits, key=lambda f: _RULE_ORDER[column_key(f.column)])
+            heads = list({id(h): h for h in (head_of[id(f)] for f in hits)}.values())
+            head = min(heads, key=lambda f: _RULE_ORDER[column_key(f.column)])
             if why[id(head)] == head.why:
                 why[id(head)] = w.why
             joined[id(head)].append(w)
-            for other in hits:  # one warning, several rules (λ̂ < 0 and draws below w*)
-                if other is not head and id(other) in joined:
-                    joined[id(head)] += joined.pop(id(other))
+            for other in heads:  # one warning, several rules (λ̂ < 0 and draws below w*)
+                if other is not head:
+                    moved = joined.pop(id(other))
+                    for f in moved:
+                        head_of[id(f)] = head
+                    joined[id(head)] += moved
         for f in rules:
             if id(f) in joined:
                 out.append(Problem(f, why[id(f)], tuple(joined[id(f)])))
