@@ -298,3 +298,22 @@ def test_row_guard_refuses_under_the_lock(tmp_path):
     store.write_llc_row({"step": 1, "llc_mean": 1.0, "llc_std": 0.0})
     run = load_run(tmp_path)  # no settings.json: the last step's settings are the reference
     assert run.mixed_settings and run.llc["settings_mismatch"].tolist() == [True, False]
+
+
+def test_callback_rows_of_changed_settings_are_flagged_and_estimate_refuses_them(tmp_path):
+    """A run continued with other settings (rows 0-4 at 10 draws, 6-8 at 12): the callback's
+    rows are stamped through the run store, load_run flags the rows that differ from
+    settings.json, and `devinterp estimate` will not add to the mix."""
+    run_dir = tmp_path / "run"
+    pl.seed_everything(0, verbose=False)
+    first = LLCCallback(run_dir, every_n_train_steps=2, progress=False, **FAST)
+    trainer(tmp_path, [first], max_steps=4).fit(Tiny())
+    later = LLCCallback(run_dir, steps=[6, 8], include_init=False, progress=False,
+                        **{**FAST, "num_draws": 12})
+    trainer(tmp_path, [later], max_steps=8).fit(Tiny())
+    run = load_run(run_dir)
+    assert num_draws(run_dir) == {0: 10, 2: 10, 4: 10, 6: 12, 8: 12}
+    assert run.mixed_settings
+    assert run.llc["settings_mismatch"].tolist() == [True, True, True, False, False]
+    with pytest.raises(ValueError, match=r"mixes sampler settings: 3 of 5 rows \(steps 0, 2, 4\)"):
+        estimate_run(run_dir, progress=False)
