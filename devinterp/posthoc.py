@@ -51,13 +51,13 @@ from devinterp.fabric import (
     ESTIMATOR_OPTIONS,
     describe,
     estimator_kwargs,
+    first_line,
     module_loss,
     record_result,
     run_estimator,
     training_data,
     weights_finite,
 )
-from devinterp.llc import NonFiniteLossError
 from devinterp.store import (
     LLC_FILE,
     METRICS_FILE,
@@ -94,11 +94,6 @@ class EstimateReport:
 
 class UnreadableSnapshot(Exception):
     """A snapshot or checkpoint file that cannot be read, or whose weights do not fit."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _report_unreadable(report: EstimateReport, path: Path, reason: str) -> None:
@@ -159,7 +154,8 @@ def estimate_run(
         force: re-estimate steps already in the table (every one, when the settings change).
         workers, rank: this process takes every ``workers``-th snapshot starting at ``rank``.
         device: where to sample (default: CPU).
-        threads: torch intra-op threads while estimating (default: the estimator's own).
+        threads: torch intra-op threads for this call, restored afterwards (default: as they
+            are; the estimator still runs a small model on one thread, its own policy).
         save_traces: save per-chain loss traces, shape (chain, draw).
         progress: print one line per estimate.
         **options: estimator options overriding ``settings.json`` (``num_chains``, ...).
@@ -235,11 +231,8 @@ def estimate_run(
             if not weights_finite(model):
                 result: Any = "non-finite weights at this step"
             else:
-                try:
-                    result = run_estimator(model, the_data, loss_fn=the_loss,
-                                           batch_loss=the_batch_loss, options=the_options)
-                except NonFiniteLossError as e:
-                    result = _first_line(e)
+                result = run_estimator(model, the_data, loss_fn=the_loss,
+                                       batch_loss=the_batch_loss, options=the_options)
             row = record_result(target, src.step, result, save_trace=save_traces)
             pending.discard(src.step)
             if not settings_recorded:
@@ -323,7 +316,7 @@ def check_device(device: str | None) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device {device!r} is not a torch device ({_first_line(e)}); use cpu, "
+        raise ValueError(f"device {device!r} is not a torch device ({first_line(e)}); use cpu, "
                          "cuda, cuda:N or mps") from e
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -520,7 +513,7 @@ def _discover(store: RunStore, report: EstimateReport) -> list[_Source]:
         try:
             step = int(m.group(1)) if m else int(_load_ckpt(path, mmap=True)["global_step"])
         except Exception as e:  # truncated, corrupt, not a checkpoint, unsafe pickle, ...
-            _report_unreadable(report, path, _first_line(e))
+            _report_unreadable(report, path, first_line(e))
             continue
         found.setdefault(step, _Source(step, path, "ckpt"))
     return [found[s] for s in sorted(found)]
@@ -559,7 +552,7 @@ class _ModelBuilder:
                 state = ckpt["state_dict"]
                 hparams = dict(ckpt.get("hyper_parameters") or self.meta.get("hparams") or {})
         except Exception as e:  # truncated, corrupt, not a checkpoint, unsafe pickle, ...
-            raise UnreadableSnapshot(_first_line(e)) from e
+            raise UnreadableSnapshot(first_line(e)) from e
         cls = self._class(ckpt)
         # LightningCLI records its own bookkeeping (_class_path, _instantiator) among the
         # hyperparameters; they are not init arguments.
@@ -577,7 +570,7 @@ class _ModelBuilder:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise UnreadableSnapshot(f"weights do not match {cls.__qualname__}: "
-                                     f"{_first_line(e)}") from e
+                                     f"{first_line(e)}") from e
         return model
 
     def _class(self, ckpt: Mapping[str, Any] | None) -> type[nn.Module]:
@@ -956,7 +949,7 @@ def write_stages(run_dir: str | os.PathLike) -> list[dict]:
     try:
         return detect_and_write(run_dir)
     except Exception as e:  # the λ̂ table is the result; stages can be detected again
-        print(f"devinterp estimate: warning: no stages.json ({_first_line(e)}); the λ̂ rows are "
+        print(f"devinterp estimate: warning: no stages.json ({first_line(e)}); the λ̂ rows are "
               f"saved, detect stages with `devinterp stages {run_dir}`", file=sys.stderr)
         return []
 
