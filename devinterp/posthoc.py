@@ -46,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from devinterp.cli import ArgumentParser, add_threads_argument, apply_threads
+from devinterp.cli import ArgumentParser, UsageError, add_threads_argument, apply_threads
 from devinterp.fabric import (
     ESTIMATOR_OPTIONS,
     describe,
@@ -901,11 +901,19 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = _default_out(RunStore(args.run_dir), args.out) or args.run_dir
         code = _launch(argv, workers)
     else:
-        report = estimate_run(
-            args.run_dir, module=args.module, data=args.data, loss_fn=args.loss, steps=steps,
-            out=args.out, force=args.force, workers=workers, rank=rank, device=args.device,
-            save_traces=not args.no_traces, progress=not args.quiet, **options,
-        )
+        try:
+            report = estimate_run(
+                args.run_dir, module=args.module, data=args.data, loss_fn=args.loss,
+                steps=steps, out=args.out, force=args.force, workers=workers, rank=rank,
+                device=args.device, save_traces=not args.no_traces, progress=not args.quiet,
+                **options,
+            )
+        except (FileNotFoundError, NotADirectoryError, PermissionError):  # one line already
+            raise
+        except OSError as e:  # e.g. a full disk: the rows written so far are whole and kept
+            raise UsageError(f"cannot write {e.filename or 'the run directory'}: "
+                             f"{e.strerror or e}; the λ̂ rows written so far are kept: free "
+                             "space (or choose --out DIR) and run again to continue") from e
         if not args.quiet:
             print(f"devinterp estimate: {len(report.estimated)} estimated, {len(report.failed)} "
                   f"failed, {len(report.skipped)} already done, {len(report.unreadable)} "

@@ -217,6 +217,30 @@ def test_bad_options_fail_up_front_in_one_line(run, capsys, flags, problem):
     assert (run / SETTINGS_FILE).read_bytes() == before and not (run / LLC_FILE).exists()
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_rows_written(run, capsys, monkeypatch):
+    import errno
+
+    import devinterp.store
+
+    real, writes = devinterp.store._atomic_write_bytes, []
+
+    def filling_up(path, data, **kwargs):
+        if Path(path).name == LLC_FILE:
+            writes.append(path)
+            if len(writes) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(devinterp.store, "_atomic_write_bytes", filling_up)
+    assert cli_main(["estimate", str(run), "--quiet"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and f"cannot write {run / LLC_FILE}: No space left on device" in err[0]
+    assert load_run(run).llc["step"].tolist() == [0, 2]
+    monkeypatch.undo()
+    assert cli_main(["estimate", str(run), "--quiet"]) == 0
+    assert load_run(run).llc["step"].tolist() == [0, 2, 4, 6, 8]
+
+
 def test_bad_settings_json_is_named(run, capsys):
     settings = json.loads((run / SETTINGS_FILE).read_text())
     (run / SETTINGS_FILE).write_text(json.dumps({**settings, "num_draws": "ten"}))
