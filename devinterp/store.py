@@ -253,7 +253,10 @@ class RunStore:
         if "settings_id" not in row:
             settings = self.row_settings
             if settings is None:
-                stored = self.read_json(SETTINGS_FILE)
+                try:
+                    stored = self.read_json(SETTINGS_FILE)
+                except ValueError:  # unreadable: the row is still written (training goes on)
+                    stored = None
                 settings = stored if isinstance(stored, Mapping) else None
             if settings is not None:
                 row["settings_id"] = settings_id(settings)

@@ -341,3 +341,13 @@ def test_callback_rows_of_changed_settings_are_flagged_and_estimate_refuses_them
     assert run.llc["settings_mismatch"].tolist() == [True, True, True, False, False]
     with pytest.raises(ValueError, match=r"mixes sampler settings: 3 of 5 rows \(steps 0, 2, 4\)"):
         estimate_run(run_dir, progress=False)
+
+
+def test_an_unreadable_settings_json_never_blocks_a_row(tmp_path):
+    """The callback writes rows during training: a damaged settings.json costs the rows their
+    settings_id, never the row (or the training run)."""
+    store = RunStore(tmp_path, create=True)
+    (tmp_path / SETTINGS_FILE).write_text("{not json")
+    row = store.write_llc_row({"step": 0, "llc_mean": 1.0, "llc_std": 0.0})
+    assert "settings_id" not in row
+    assert store.read_table(LLC_FILE)["step"].tolist() == [0]
