@@ -179,8 +179,8 @@ def estimate_run(
     overrides = check_options(estimator_kwargs(options))
     store = RunStore(run_dir)
     meta = _read_meta(store)
-    redirected = out is None and _default_out(store, out) is not None
-    out = _default_out(store, out)
+    given, out = out, _default_out(store, out)
+    redirected = given is None and out is not None
     target = store if out is None else _output_store(store, Path(out), meta)
     report = EstimateReport(target.path)
     template = _read_settings(target) or (_read_settings(store) if target is not store else {})
