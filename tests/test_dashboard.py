@@ -37,6 +37,8 @@ STAGES = [
 #: (step, column) of every value the fixture plants outside its health rule.
 PLANTED_FLAGS = {(100, "num_diverged"), (1000, "rhat"), (1000, "warnings")}
 MALICIOUS = "<script>alert(1)</script>"
+#: The estimator's R-hat warning for R-hat 1.5, in its own words (devinterp.health).
+RHAT_WARNING = next(r for r in HEALTH_RULES if r.column == "rhat").template.format(value=1.5)
 
 
 def write_run(path: Path, *, name: str | None = None, steps: list[int] = STEPS,
@@ -53,7 +55,7 @@ def write_run(path: Path, *, name: str | None = None, steps: list[int] = STEPS,
             "mala_acceptance": 0.9, "num_diverged": 1 if step == 100 else 0,
             "frac_below_baseline": 0.02,
             # As the run store holds them (devinterp.fabric.result_row): joined by " | ".
-            "warnings": "split R-hat is 1.50 (> 1.1): chains disagree" if step == 1000 else "",
+            "warnings": RHAT_WARNING if step == 1000 else "",
         })
         if traces:
             store.save_trace(step, 2.0 / (k + 1) + rng.normal(0, 0.01, (chains, draws)))
@@ -193,14 +195,16 @@ def test_health_flags_find_exactly_the_planted_problems(run_dir: Path) -> None:
     flags = health_flags(load_run(run_dir).llc)
     assert {(f.step, f.column) for f in flags} == PLANTED_FLAGS
     warning = next(f for f in flags if f.column == "warnings")
-    assert warning.why == "split R-hat is 1.50 (> 1.1): chains disagree"
+    assert warning.why == RHAT_WARNING
 
 
 @pytest.mark.parametrize(("column", "value", "flagged"), [
     ("rhat", 1.1, False), ("rhat", 1.11, True), ("rhat", float("inf"), True),
-    ("rhat", float("nan"), False), ("mala_acceptance", 0.5, False),
-    ("mala_acceptance", 0.49, True), ("num_diverged", 0, False), ("num_diverged", 2, True),
-    ("ess", 9.9, True), ("ess", 10.0, False), ("frac_below_baseline", 0.31, True), ("drift", -4.5, True),
+    ("rhat", float("nan"), False), ("mala_acceptance", 0.9, False),
+    ("mala_acceptance", 0.89, True), ("mala_acceptance", 0.49, True), ("num_diverged", 0, False),
+    ("num_diverged", 2, True), ("ess", 99.0, True), ("ess", 100.0, False),
+    # Draws below w* matter when λ̂ < 0 (this row's λ̂ is 1.0): see the tests below.
+    ("frac_below_baseline", 0.31, False), ("drift", -4.5, True), ("drift", 4.5, True),
     ("llc_mean", -0.2, True), ("llc_mean", float("nan"), True), ("llc/rhat", 2.0, True),
 ])
 def test_health_rule_boundaries(tmp_path: Path, column: str, value: float,
@@ -248,8 +252,14 @@ def test_rows_written_by_the_estimator_pipeline(tmp_path: Path) -> None:
 
 
 def test_every_rule_explains_itself() -> None:
+    from devinterp.dashboard.figures import bound_text
+
     for rule in HEALTH_RULES:
-        assert rule.why and rule.label and rule.bound_text.startswith("flagged if")
+        assert rule.why and rule.label and bound_text(rule.column).startswith("flagged if")
+    assert bound_text("mala_acceptance") == "flagged if < 0.9"
+    assert bound_text("frac_below_baseline") == "flagged if > 0.3 (when llc_mean < 0)"
+    assert bound_text("llc/drift") == "flagged if < -4 or > 4"
+    assert bound_text("init_loss") == ""
 
 
 @pytest.mark.parametrize(("cell", "expected"), [
@@ -281,7 +291,7 @@ def test_page_model_tables(run_dir: Path) -> None:
     rows = [(f["step"], f["what"], f["why"]) for f in page["diagnostics"]["flags"]]
     assert rows == [(100, "diverged chains", next(r.why for r in HEALTH_RULES
                                                   if r.column == "num_diverged")),
-                    (1000, "R-hat", "split R-hat is 1.50 (> 1.1): chains disagree")]
+                    (1000, "R-hat", RHAT_WARNING)]
     assert page["runs"][0]["trace_steps"] == STEPS
     assert page["runs"][0]["flagged_steps"] == [100, 1000]
 
@@ -525,66 +535,70 @@ def test_log_to_wandb_attaches_the_page_offline(run_dir: Path, tmp_path: Path,
 # ----------------------------------------------------------------------------------------------
 # One problem per diagnostic; ESS per chain; values used; λ̂ outliers; log loss ticks
 # ----------------------------------------------------------------------------------------------
-#: Warnings as the estimator words them, one per diagnostic that the dashboard also judges.
-ESTIMATOR_WARNINGS = {
-    "num_diverged": "2 of 4 chains diverged and were left out of the mean; a smaller "
-                    "step_size avoids this",
-    "rhat": "split R-hat is 1.50 (> 1.1): chains disagree or have not mixed; use more draws",
-    "mala_acceptance": "MALA acceptance is 0.31 (healthy is ~0.9): the step size is too large",
-    "frac_below_baseline": "77% of draws have a loss below the loss at w* and λ̂ is negative: "
-                           "w* is probably not a local minimum",
-    "drift": "the λ̂ trace still drifts up (+6.0 spreads between halves): increase num_burnin",
-}
+#: A value that breaks each rule the estimator also warns about, and the row's context.
+BROKEN = {"num_diverged": 2, "rhat": 1.5, "mala_acceptance": 0.31, "frac_below_baseline": 0.77,
+          "drift": 6.0}
+CONTEXT = {"num_chains": 4, "first_divergence": "chain 1 at draw 7", "llc_mean": -2.0}
 
 
-@pytest.mark.parametrize("column", sorted(ESTIMATOR_WARNINGS))
+def estimator_warning(column: str, value: float | None = None) -> str:
+    """The warning the estimator writes for ``value`` (default ``BROKEN[column]``), from its
+    own template."""
+    value = BROKEN[column] if value is None else value
+    rule = next(r for r in HEALTH_RULES if r.column == column and r.warns
+                and r.flagged(value, CONTEXT))
+    return rule.template.format(value=value, **CONTEXT)
+
+
+def rule_label(column: str) -> str:
+    return next(r.label for r in HEALTH_RULES if r.column == column)
+
+
+@pytest.mark.parametrize("column", sorted(BROKEN))
 def test_a_violation_and_its_warning_are_one_problem(tmp_path: Path, column: str) -> None:
     from devinterp.dashboard.figures import problems
 
-    bad = {"num_diverged": 2, "rhat": 1.5, "mala_acceptance": 0.31,
-           "frac_below_baseline": 0.77, "drift": 6.0}
-    row = {"step": 5, "llc_mean": 2.0, "llc_std": 0.1, column: bad[column],
-           "warnings": ESTIMATOR_WARNINGS[column] + " | an unrelated warning"}
+    llc_mean = CONTEXT["llc_mean"] if column == "frac_below_baseline" else 2.0
+    row = {"step": 5, "llc_mean": llc_mean, "llc_std": 0.1, column: BROKEN[column],
+           "warnings": estimator_warning(column) + " | an unrelated warning"}
     store = RunStore(tmp_path / "r", create=True)
     store.write_llc_row(row)
     flags = health_flags(load_run(store.path).llc)
     found = problems(flags)
+    # Draws below w* with λ̂ < 0 are one problem, named by the more serious negative λ̂.
+    head = "llc_mean" if column == "frac_below_baseline" else column
     assert [(p.first.column, p.why) for p in found] == [
-        (column, ESTIMATOR_WARNINGS[column]), ("warnings", "an unrelated warning")]
-    assert sum(len(p.flags) for p in found) == len(flags) == 3
+        (head, estimator_warning(column)), ("warnings", "an unrelated warning")]
+    assert sum(len(p.flags) for p in found) == len(flags)
+    page = build_page([load_run(store.path)])
+    assert [s["what"] for s in page["diagnostics"]["summary"]] == ["estimator warning",
+                                                                   rule_label(head)]
 
 
-def test_negative_llc_and_its_draws_below_baseline_are_one_problem(tmp_path: Path) -> None:
+def test_a_warning_without_its_value_is_named_by_its_rule(tmp_path: Path) -> None:
+    store = RunStore(tmp_path / "r", create=True)
+    store.write_llc_row({"step": 1, "llc_mean": 2.0, "llc_std": 0.1,
+                         "warnings": estimator_warning("drift")})
+    page = build_page([load_run(store.path)])
+    assert [(f["what"], f["why"]) for f in page["diagnostics"]["flags"]] == [
+        ("λ̂ trace drift", estimator_warning("drift"))]
+
+
+def test_quickstart_step_zero_is_three_problems_not_six(tmp_path: Path) -> None:
+    """Step 0 of the quickstart run: λ̂ < 0 with 77 % of draws below w*, R-hat 1.14, ESS 20,
+    and the estimator's two warnings about them."""
     from devinterp.dashboard.figures import problems
 
     store = RunStore(tmp_path / "r", create=True)
-    store.write_llc_row({"step": 0, "llc_mean": -2.9, "llc_std": 1.0,
-                         "frac_below_baseline": 0.77,
-                         "warnings": ESTIMATOR_WARNINGS["frac_below_baseline"]})
-    found = problems(health_flags(load_run(store.path).llc))
-    assert len(found) == 1 and found[0].first.column == "llc_mean"
-    assert {f.column for f in found[0].flags} == {"llc_mean", "frac_below_baseline",
-                                                  "warnings"}
-    page = build_page([load_run(store.path)])
-    assert [s["what"] for s in page["diagnostics"]["summary"]] == ["negative λ̂"]
-
-
-@pytest.mark.parametrize(("chains", "diverged", "ess", "flagged"), [
-    (4, 0, 39.9, True), (4, 0, 40.0, False), (4, 0, 130.0, False),  # the quickstart plateau
-    (8, 0, 79.0, True), (8, 4, 41.0, False),  # diverged chains do not count
-])
-def test_ess_is_judged_per_chain(tmp_path: Path, chains: int, diverged: int, ess: float,
-                                 flagged: bool) -> None:
-    store = RunStore(tmp_path / "r", create=True)
-    store.write_llc_row({"step": 1, "llc_mean": 1.0, "llc_std": 0.1, "ess": ess,
-                         "num_chains": chains, "num_diverged": diverged})
-    flags = [f for f in health_flags(load_run(store.path).llc) if f.column == "ess"]
-    assert bool(flags) == flagged
-    fig = diagnostics_figure([load_run(store.path)], ["r"])
-    captions = [a["text"].split()[0] for a in fig["layout"]["annotations"]]
-    panel = captions.index("ess")
-    lines = [s["y0"] for s in fig["layout"]["shapes"] if s["name"] == f"threshold:{panel}"]
-    assert lines == [10.0 * (chains - diverged)]
+    texts = [estimator_warning("frac_below_baseline", 0.77), estimator_warning("rhat", 1.14)]
+    store.write_llc_row({"step": 0, "llc_mean": -2.88, "llc_std": 1.7, "ess": 19.8,
+                         "num_chains": 4, "frac_below_baseline": 0.77, "rhat": 1.14,
+                         "warnings": " | ".join(texts)})
+    flags = health_flags(load_run(store.path).llc)
+    assert len(flags) == 6
+    found = problems(flags)
+    assert [p.first.column for p in found] == ["llc_mean", "rhat", "ess"]
+    assert [p.why for p in found][:2] == texts
 
 
 def test_settings_left_automatic_show_the_values_used(tmp_path: Path) -> None:
@@ -667,18 +681,3 @@ def test_static_files_are_package_data() -> None:
         assert "function el(tag, className, text)" in script and "@helpers" not in script
         assert ".innerHTML" not in script  # run strings go in through textContent only
 
-
-def test_problems_merge_chains_of_warnings(tmp_path: Path) -> None:
-    """Two warnings about one root cause, each naming a different pair of rules, end as one
-    problem with every flag in it once."""
-    from devinterp.dashboard.figures import problems
-
-    store = RunStore(tmp_path / "r", create=True)
-    store.write_llc_row({"step": 0, "llc_mean": -1.0, "llc_std": 0.1, "rhat": 1.4,
-                         "frac_below_baseline": 0.9,
-                         "warnings": "90% of draws have a loss below the loss at w* | "
-                                     "split R-hat is 1.40, draws below the loss at w*"})
-    flags = health_flags(load_run(store.path).llc)
-    found = problems(flags)
-    assert [p.first.column for p in found] == ["llc_mean"]
-    assert sorted(map(id, found[0].flags)) == sorted(map(id, flags))

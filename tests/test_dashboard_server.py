@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_dashboard import write_run
+from test_dashboard import RHAT_WARNING, write_run
 
 from devinterp import cli
 from devinterp.dashboard import DashboardServer, build_page
@@ -247,7 +247,7 @@ def _flagged_run(path: Path, n: int) -> object:
     store = RunStore(path, create=True)
     store.upsert_rows("llc.csv", [{
         "step": k, "llc_mean": 1.0 + (k % 7), "llc_std": 0.1, "rhat": 1.5, "ess": 300.0,
-        "num_chains": 4, "warnings": "split R-hat is 1.50 (> 1.1): chains disagree"}
+        "num_chains": 4, "warnings": RHAT_WARNING}
         for k in range(n)])
     return load_run(path)
 
@@ -287,4 +287,4 @@ def test_flag_table_lists_each_problem_once(tmp_path: Path) -> None:
     page = build_page([run], embed_traces=False)
     flags = page["diagnostics"]["flags"]
     assert len(flags) == 50 and {f["what"] for f in flags} == {"R-hat"}
-    assert flags[0]["why"] == "split R-hat is 1.50 (> 1.1): chains disagree"
+    assert flags[0]["why"] == RHAT_WARNING

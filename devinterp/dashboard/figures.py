@@ -20,6 +20,8 @@ import functools
 import html
 import json
 import math
+import re
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from devinterp.health import HEALTH_RULES, HealthRule
 from devinterp.store import Run
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -88,93 +91,55 @@ def _rgba(hex_color: str, alpha: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # Health of each λ̂ estimate
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HealthRule:
-    """A diagnostic column and the range outside which an estimate is flagged.
-
-    ``per_chain`` bounds are multiplied by the chains that entered the estimate (the row's
-    ``num_chains`` less ``num_diverged``; 1 when the row does not say). ``warning_marker`` is a
-    phrase of the estimator's own warning about the same diagnostic (``devinterp.llc``), so a
-    violation and that warning are listed as one problem, not two.
-    """
-
-    column: str
-    label: str
-    low: float | None
-    high: float | None
-    why: str
-    per_chain: bool = False
-    warning_marker: str | None = None
-
-    def violated(self, value: float, chains: float = 1.0) -> bool:
-        if math.isnan(value):
-            return False
-        scale = chains if self.per_chain else 1.0
-        return (self.low is not None and value < self.low * scale) or (
-            self.high is not None and value > self.high * scale)
-
-    def bounds(self, chains: float = 1.0) -> list[float]:
-        """The thresholds for an estimate with ``chains`` chains (for the dotted lines)."""
-        scale = chains if self.per_chain else 1.0
-        return [b * scale for b in (self.low, self.high) if b is not None]
-
-    @property
-    def bound_text(self) -> str:
-        parts = []
-        if self.low is not None:
-            parts.append(f"< {self.low:g}")
-        if self.high is not None:
-            parts.append(f"> {self.high:g}")
-        return "flagged if " + " or ".join(parts) + (" per chain" if self.per_chain else "")
-
-
-#: Effective draws per chain below which ESS is flagged. λ̂ is a mean over draws and its error
-#: bar is the spread of the per-chain means, so what must hold is that each chain mean rests on
-#: enough effective draws to be roughly normal and Geyer's autocorrelation sum to be stable:
-#: about 10 per chain. Vehtari et al. (2021) ask 100 per chain, but for quantiles and R-hat of
-#: a posterior, not for one mean. SGLD's λ̂ traces are strongly autocorrelated: a healthy
-#: 4 × 800-draw estimate (the quickstart's plateau) has an ESS near 130, i.e. 33 per chain,
-#: which a fixed bound of 100 flagged; estimates whose chains have not moved (ESS of a few per
-#: chain) stay flagged.
-MIN_ESS_PER_CHAIN = 10.0
-
-HEALTH_RULES: tuple[HealthRule, ...] = (
-    HealthRule("llc_mean", "negative λ̂", 0.0, None,
-               "λ̂ < 0: draws fall below the loss at w*, so w* is probably not a local minimum",
-               warning_marker="below the loss at w*"),
-    HealthRule("num_diverged", "diverged chains", None, 0.0,
-               "chains diverged and were left out of λ̂: use a smaller step_size",
-               warning_marker="chains diverged"),
-    HealthRule("rhat", "R-hat", None, 1.1,
-               "split R-hat > 1.1: the chains disagree or have not mixed; use more draws",
-               warning_marker="R-hat"),
-    HealthRule("mala_acceptance", "MALA acceptance", 0.5, None,
-               "MALA acceptance < 0.5 (healthy is ~0.9): the step size is too large and "
-               "inflates λ̂", warning_marker="MALA acceptance"),
-    HealthRule("ess", "ESS", MIN_ESS_PER_CHAIN, None,
-               f"fewer than {MIN_ESS_PER_CHAIN:g} effective draws per chain: the chains barely "
-               "moved and λ̂'s error bar is unreliable; run more draws", per_chain=True),
-    HealthRule("frac_below_baseline", "draws below baseline", None, 0.3,
-               "over 30% of draws have a loss below L(w*): the sampler may still be optimizing",
-               warning_marker="below the loss at w*"),
-    HealthRule("drift", "λ̂ trace drift", -4.0, 4.0,
-               "the λ̂ trace still drifts between its halves: increase num_burnin (climbing: "
-               "or a larger localization)", warning_marker="λ̂ trace still drifts"),
-)
-_RULES = {r.column: r for r in HEALTH_RULES}
-_RULE_ORDER = {r.column: k for k, r in enumerate(HEALTH_RULES)}
 NOT_FINITE_WHY = "λ̂ is not finite: the chains diverged or the loss at w* is not finite"
+#: Position of each diagnostic in the health table: panels, banner lines and merged problems
+#: follow it (the most serious first).
+_RULE_ORDER = {column: k for k, column in enumerate(dict.fromkeys(r.column
+                                                                  for r in HEALTH_RULES))}
 
 
-@functools.lru_cache(maxsize=4096)
 def column_key(column: str) -> str:
     """The diagnostic a column holds, ignoring a logger prefix (``llc/rhat`` -> ``rhat``)."""
     return column.replace(".", "/").split("/")[-1]
 
 
+def rules_for(column: str) -> tuple[HealthRule, ...]:
+    """The health rules of a λ̂-table column (ignoring a logger prefix), in table order."""
+    key = column_key(column)
+    return tuple(r for r in HEALTH_RULES if r.column == key)
+
+
 def rule_for(column: str) -> HealthRule | None:
-    """The health rule of a λ̂-table column, if it has one."""
-    return _RULES.get(column_key(column))
+    """The first health rule of a λ̂-table column (its label names the problem), if any."""
+    rules = rules_for(column)
+    return rules[0] if rules else None
+
+
+def bound_text(column: str) -> str:
+    """``flagged if < 0.9`` for a column's rules, "" without one (the table's header hint)."""
+    rules = rules_for(column)
+    lows = [r.low for r in rules if r.low is not None]
+    highs = [r.high for r in rules if r.high is not None]
+    parts = ([f"< {max(lows):g}"] if lows else []) + ([f"> {min(highs):g}"] if highs else [])
+    conditions = sorted({f"{r.when_negative} < 0" for r in rules if r.when_negative})
+    if not parts:
+        return ""
+    return "flagged if " + " or ".join(parts) + (
+        f" (when {' and '.join(conditions)})" if conditions else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _template_pattern(template: str) -> re.Pattern[str]:
+    """A regular expression matching the warnings a rule's template writes, any values."""
+    parts = [re.escape(literal) + (".*?" if field is not None else "")
+             for literal, field, _, _ in string.Formatter().parse(template)]
+    return re.compile("".join(parts), re.S)
+
+
+def warning_rule(text: str) -> HealthRule | None:
+    """The health rule whose template wrote the estimator warning ``text``, if one did."""
+    return next((r for r in HEALTH_RULES if r.warns and r.template
+                 and _template_pattern(r.template).fullmatch(text)), None)
 
 
 def _text(cell: Any) -> str:
@@ -225,20 +190,19 @@ def warning_columns(llc: pd.DataFrame) -> list[str]:
     return [c for c in llc.columns if column_key(c) == "warnings"]
 
 
-def chains_used(llc: pd.DataFrame) -> np.ndarray:
-    """Chains that entered each row's estimate: ``num_chains - num_diverged`` (1 if unknown)."""
-    cols = {column_key(c): c for c in llc.columns if _is_numeric(llc[c])}
-    if "num_chains" not in cols:
-        return np.ones(len(llc))
-    chains = llc[cols["num_chains"]].to_numpy(dtype=np.float64)
-    if "num_diverged" in cols:
-        chains = chains - np.nan_to_num(llc[cols["num_diverged"]].to_numpy(dtype=np.float64))
-    return np.where(np.isfinite(chains) & (chains >= 1), chains, 1.0)
+def _breaks(rule: HealthRule, value: float, row: dict[str, float]) -> bool:
+    """``rule.flagged``, and an infinite value beyond a bound breaks it too (an R-hat of inf:
+    chains that never moved and disagree)."""
+    if math.isinf(value):
+        bound = rule.high if value > 0 else rule.low
+        return bound is not None and rule.flagged(math.copysign(1e300, value), row)
+    return rule.flagged(value, row)
 
 
 def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
-    """Every flagged value of a λ̂ table: failed estimates, health-rule violations and the
-    estimator's own warnings (one flag per cell; :func:`problems` merges them)."""
+    """Every flagged value of a λ̂ table: failed estimates, broken health rules
+    (:data:`devinterp.health.HEALTH_RULES`, the estimator's own table) and the estimator's
+    warnings (one flag per cell; :func:`problems` merges them)."""
     flags: list[Flag] = []
     steps = llc["step"].to_numpy(dtype=np.int64)
     failed: set[int] = set()
@@ -251,18 +215,25 @@ def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
                 failed.add(step)
                 why = f"no estimate: {_text(reason)}" if _text(reason) else "no estimate"
                 flags.append(Flag(run_index, step, "status", status, why))
-    chains = chains_used(llc).tolist()
+    numeric = {column_key(c): c for c in llc.columns if _is_numeric(llc[c])}
     for col in llc.columns:
-        rule = rule_for(col)
-        if rule is not None and _is_numeric(llc[col]):
-            values = llc[col].to_numpy(dtype=np.float64)
-            for step, v, c in zip(steps.tolist(), values.tolist(), chains, strict=True):
-                if step in failed:
-                    continue
-                if rule.violated(v, c):
-                    flags.append(Flag(run_index, step, col, f"{v:.4g}", rule.why))
-                elif rule.column == "llc_mean" and not math.isfinite(v):
-                    flags.append(Flag(run_index, step, col, f"{v}", NOT_FINITE_WHY))
+        rules = rules_for(col)
+        if not rules or not _is_numeric(llc[col]):
+            continue
+        values = llc[col].to_numpy(dtype=np.float64).tolist()
+        # The other diagnostics a rule may depend on (draws below w* matter when λ̂ < 0).
+        context = {r.when_negative: llc[numeric[r.when_negative]].to_numpy(
+                   dtype=np.float64).tolist() for r in rules
+                   if r.when_negative and r.when_negative in numeric}
+        for k, (step, v) in enumerate(zip(steps.tolist(), values, strict=True)):
+            if step in failed:
+                continue
+            row = {name: column[k] for name, column in context.items()}
+            rule = next((r for r in rules if _breaks(r, v, row)), None)
+            if rule is not None:
+                flags.append(Flag(run_index, step, col, f"{v:.4g}", rule.why))
+            elif rules[0].column == "llc_mean" and not math.isfinite(v):
+                flags.append(Flag(run_index, step, col, f"{v}", NOT_FINITE_WHY))
     for col in warning_columns(llc):
         for step, cell in zip(steps.tolist(), llc[col].tolist(), strict=True):
             for text in parse_warnings(cell):
@@ -290,46 +261,48 @@ class Problem:
 
 
 def problems(flags: Sequence[Flag]) -> list[Problem]:
-    """Flags merged into problems, in the order of ``flags`` (linear in their number).
+    """Flags merged into problems, per point in the order of ``flags``, the most serious
+    first (linear in their number).
 
-    At one (run, step), an estimator warning that names a rule's diagnostic (its
-    ``warning_marker``) joins every violation of such a rule there; the warning's own text,
-    which carries the measured value, becomes the problem's explanation.
+    At one (run, step), an estimator warning written by a health rule's template joins that
+    rule's flagged value, and the value its rule depends on (``when_negative``: λ̂ < 0 for the
+    draws below w*); the warning's own text, which carries the measured values, becomes the
+    problem's explanation. The most serious flag (first in the health table) names it.
     """
     by_point: dict[tuple[int, int], list[Flag]] = {}
     for f in flags:
         by_point.setdefault((f.run, f.step), []).append(f)
     out: list[Problem] = []
     for group in by_point.values():
-        warnings: list[Flag] = []
-        rules: list[Flag] = []
-        for f in group:
-            (warnings if column_key(f.column) == "warnings" else rules).append(f)
-        joined: dict[int, list[Flag]] = {id(f): [f] for f in rules}
-        why: dict[int, str] = {id(f): f.why for f in rules}
-        head_of: dict[int, Flag] = {id(f): f for f in rules}  # the problem a flag is part of
-        for w in warnings:
-            hits = [f for f in rules if (r := rule_for(f.column)) is not None
-                    and r.warning_marker and r.warning_marker in w.why]
-            if not hits:
-                joined[id(w)], why[id(w)], head_of[id(w)] = [w], w.why, w
-                rules.append(w)
-                continue
-            heads = list({id(h): h for h in (head_of[id(f)] for f in hits)}.values())
-            head = min(heads, key=lambda f: _RULE_ORDER[column_key(f.column)])
-            if why[id(head)] == head.why:
-                why[id(head)] = w.why
-            joined[id(head)].append(w)
-            for other in heads:  # one warning, several rules (λ̂ < 0 and draws below w*)
-                if other is not head:
-                    moved = joined.pop(id(other))
-                    for f in moved:
-                        head_of[id(f)] = head
-                    joined[id(head)] += moved
-        for f in rules:
-            if id(f) in joined:
-                out.append(Problem(f, why[id(f)], tuple(joined[id(f)])))
+        members: dict[str, list[Flag]] = {}  # diagnostic -> its flags (a problem each)
+        why: dict[str, str] = {}
+        # Values first, then the warnings that join them.
+        for f in sorted(group, key=lambda f: column_key(f.column) == "warnings"):
+            key = column_key(f.column)
+            if key == "warnings":
+                rule = warning_rule(f.why)
+                if rule is None:
+                    members[f"warning:{id(f)}"], why[f"warning:{id(f)}"] = [f], f.why
+                    continue
+                key = rule.column
+                why[key] = f.why
+                if rule.when_negative in members:  # one cause, one problem
+                    members.setdefault(key, []).extend(members.pop(rule.when_negative))
+            elif f.column == "status":
+                key = f"status:{id(f)}"
+            members.setdefault(key, []).append(f)
+            why.setdefault(key, f.why)
+        here = []
+        for key, items in members.items():
+            items.sort(key=_seriousness)
+            here.append(Problem(items[0], why[key], tuple(items)))
+        out += sorted(here, key=lambda p: _seriousness(p.first))  # most serious first
     return out
+
+
+def _seriousness(flag: Flag) -> int:
+    """A flag's place in the health table (failed estimates and unknown warnings last)."""
+    return _RULE_ORDER.get(column_key(flag.column), len(_RULE_ORDER))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,8 +687,7 @@ def diagnostic_columns(runs: Sequence[Run]) -> list[str]:
             values = run.llc[c].dropna()
             if rule_for(c) is not None or values.nunique() > 1:
                 cols.append(c)
-    order = {r.column: k for k, r in enumerate(HEALTH_RULES)}
-    return sorted(cols, key=lambda c: (order.get(column_key(c), len(order)), c))
+    return sorted(cols, key=lambda c: (_RULE_ORDER.get(column_key(c), len(_RULE_ORDER)), c))
 
 
 def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
@@ -745,14 +717,11 @@ def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
             **({"matches": "x"} if k else {}),
             **({"title": {"text": STEP_AXIS_TITLE}} if last else {}))
         layout[f"yaxis{ax}"] = _value_axis(domain=[bottom, top])
-        rule = rule_for(col)
-        caption = col + (f"   ({rule.bound_text})" if rule else "")
+        caption = col + (f"   ({bound_text(col)})" if rules_for(col) else "")
         annotations.append({"text": plot_text(caption), "xref": "paper", "yref": "paper",
                             "x": 0, "y": top, "xanchor": "left", "yanchor": "bottom",
                             "showarrow": False, "font": {"size": 12, "color": "#333"}})
-        chains = sorted({float(c) for r in runs if col in r.llc.columns
-                         for c in np.unique(chains_used(r.llc))}) or [1.0]
-        bounds = sorted({b for c in chains for b in rule.bounds(c)}) if rule else []
+        bounds = sorted({b for r in rules_for(col) for b in (r.low, r.high) if b is not None})
         shapes += [{"type": "line", "name": f"threshold:{k}", "xref": f"x{ax} domain",
                     "x0": 0, "x1": 1, "yref": f"y{ax}", "y0": bound, "y1": bound,
                     "line": {"color": FLAG_COLOR, "width": 1, "dash": "dot"}}

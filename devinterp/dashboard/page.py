@@ -31,6 +31,7 @@ from devinterp.dashboard.figures import (
     NOT_FINITE_WHY,
     Flag,
     Problem,
+    bound_text,
     column_key,
     diagnostics_figure,
     health_flags,
@@ -39,6 +40,7 @@ from devinterp.dashboard.figures import (
     problems,
     rule_for,
     run_color,
+    warning_rule,
 )
 from devinterp.store import Run, load_run
 
@@ -208,7 +210,8 @@ def _signed(value: Any) -> str:
 
 def _flag_label(flag: Flag) -> str:
     if column_key(flag.column) == "warnings":
-        return "estimator warning"
+        rule = warning_rule(flag.why)
+        return rule.label if rule else "estimator warning"
     if flag.column == "status":
         return "estimate failed"
     if flag.why == NOT_FINITE_WHY:
@@ -222,7 +225,7 @@ def flag_summary(found: Sequence[Problem], names: Sequence[str]) -> list[dict]:
     groups: dict[str, list[Problem]] = {}
     for p in found:
         groups.setdefault(_flag_label(p.first), []).append(p)
-    order = {r.label: k for k, r in enumerate(HEALTH_RULES)}
+    order = {label: k for k, label in enumerate(dict.fromkeys(r.label for r in HEALTH_RULES))}
     out = []
     for label, items in sorted(groups.items(), key=lambda kv: order.get(kv[0], -1)):
         steps_of: dict[int, set[int]] = {}
@@ -259,7 +262,7 @@ def llc_table(runs: Sequence[Run], names: Sequence[str], flags: Sequence[Flag]) 
                 if (i, step, c) in flagged_at:
                     flagged.append([r, k + int(multi)])
     header = (["run"] if multi else []) + columns
-    hints = [rule_for(c).bound_text if rule_for(c) else "" for c in columns]
+    hints = [bound_text(c) for c in columns]
     return {"columns": header, "hints": ([""] if multi else []) + hints, "rows": rows,
             "flagged": flagged}
 
