@@ -98,11 +98,13 @@ _RULE_ORDER = {column: k for k, column in enumerate(dict.fromkeys(r.column
                                                                   for r in HEALTH_RULES))}
 
 
+@functools.lru_cache(maxsize=4096)
 def column_key(column: str) -> str:
     """The diagnostic a column holds, ignoring a logger prefix (``llc/rhat`` -> ``rhat``)."""
     return column.replace(".", "/").split("/")[-1]
 
 
+@functools.lru_cache(maxsize=4096)
 def rules_for(column: str) -> tuple[HealthRule, ...]:
     """The health rules of a λ̂-table column (ignoring a logger prefix), in table order."""
     key = column_key(column)
@@ -136,6 +138,7 @@ def _template_pattern(template: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.S)
 
 
+@functools.lru_cache(maxsize=4096)
 def warning_rule(text: str) -> HealthRule | None:
     """The health rule whose template wrote the estimator warning ``text``, if one did."""
     return next((r for r in HEALTH_RULES if r.warns and r.template
