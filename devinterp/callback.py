@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 import devinterp
+from devinterp.config import SAMPLER_NAMES as SAMPLERS
 from devinterp.fabric import (
     EstimateFailure,
     LossSpec,
@@ -40,7 +41,6 @@ from devinterp.fabric import (
     write_settings,
 )
 from devinterp.llc import check_weights, sampled_parameters
-from devinterp.sampling import SAMPLERS
 from devinterp.store import LLC_FILE, RUN_FILE, RunStore
 
 #: Tensor data up to this size is saved into the run directory (``data.pt``) in deferred mode,

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import devinterp.llc as llc
 from devinterp import estimate_llc
 from devinterp.llc import NonFiniteCurvatureError
+from devinterp.llc.data import TensorBatches
 from devinterp.models import gaussian_nll, mean_output
 from devinterp.theory import regular_llc, tempered_posterior_llc
 
@@ -267,7 +267,7 @@ def test_baseline_cache_is_refused_for_losses_that_are_not_per_sample_means(case
     else:
         model, (x, y) = TokenModel(), padded_sequences()
         loss = padded_token_ce
-    source = llc._TensorBatches(x, y, 256, torch.device("cpu"))
+    source = TensorBatches(x, y, 256, torch.device("cpu"))
     with torch.no_grad():
         assert source.per_sample_losses(model, loss) is None
         # ... while the plain mean cross entropy is cached.

@@ -359,11 +359,11 @@ def test_bad_inputs_have_clear_errors():
 def test_drift_warning_says_which_way_and_what_to_do(direction):
     """A λ̂ trace still climbing means chains are moving away from w* (burn-in or localization);
     one still falling means burn-in only."""
-    from devinterp.llc import _summarize
+    from devinterp.llc.result import summarize
 
     rng = np.random.default_rng(0)
     trace = 10 + direction * np.linspace(0, 5, 200)[None, :] + rng.normal(0, 0.5, (4, 200))
-    r = _summarize(trace, trace / 100, np.zeros(200), np.full(4, 0.9), np.zeros(4, bool),
+    r = summarize(trace, trace / 100, np.zeros(200), np.full(4, 0.9), np.zeros(4, bool),
                    {"step_size": 1e-3}, {})
     drift = [w for w in r.warnings if "drifts" in w]
     assert len(drift) == 1 and "increase num_burnin" in drift[0]
@@ -374,7 +374,7 @@ def test_drift_warning_says_which_way_and_what_to_do(direction):
 def test_sync_free_loop_gives_the_same_numbers(monkeypatch):
     """On accelerators the chain loop resets diverged chains without asking the device whether
     any diverged (no sync per step); forced on the CPU it gives the very same result."""
-    import devinterp.llc as llc
+    import devinterp.llc.driver as driver
 
     data = (torch.zeros(100, 1), torch.zeros(100))
     kw = dict(num_chains=8, num_draws=50, num_burnin=0, step_size=0.35, nbeta=1.0,
@@ -382,7 +382,7 @@ def test_sync_free_loop_gives_the_same_numbers(monkeypatch):
     model, regression = small_regression()
     plain = estimate_llc(Quartic(), data, mean_output, **kw)
     plain_mlp = estimate_llc(model, regression, nn.MSELoss(), **FAST)
-    monkeypatch.setattr(llc, "_sync_free", lambda device: True)
+    monkeypatch.setattr(driver, "sync_free", lambda device: True)
     with pytest.raises(NonFiniteLossError, match="the model or the loss returns NaN"):
         estimate_llc(Cliff(), data, mean_output, **{**kw, "step_size": 0.02})
     free = estimate_llc(Quartic(), data, mean_output, **kw)

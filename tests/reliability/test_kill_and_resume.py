@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from llc_models import FAST, TinyWithVal, trainer
     from plain_modules import Regressor
-    import devinterp.llc
+    import devinterp.llc.driver
     from devinterp import LLCCallback
 
     run_dir, ckpt_dir, kill, resume, name = sys.argv[1:6]
@@ -42,13 +42,13 @@ SCRIPT = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     if kill == "estimation":  # die inside the third estimate (step 6), mid-sampling
-        real, calls = devinterp.llc._run_chains, []
+        real, calls = devinterp.llc.driver.run_chains, []
         def dying(*args, **kwargs):
             calls.append(1)
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real(*args, **kwargs)
-        devinterp.llc._run_chains = dying
+        devinterp.llc.driver.run_chains = dying
 
     pl.seed_everything(0, verbose=False)
     callbacks = [LLCCallback(run_dir, every_n_train_steps=3, progress=False, **FAST),

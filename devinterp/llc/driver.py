@@ -1,0 +1,290 @@
+"""The chain driver: runs a kernel's ``step`` over a chunk of chains from w*, feeding what each
+step produced to recorder objects (the λ̂ trace, MALA acceptance, divergence, and any per-draw
+observable a caller plugs in).
+
+All chains of a chunk share each step's minibatch and its paired baseline L_B(w*); each chain has
+its own noise stream seeded by (seed, chain index), so splitting chains into chunks, ranks or a
+sequential loop gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from devinterp.llc.errors import NonFiniteLossError
+from devinterp.llc.problem import Problem
+from devinterp.samplers import Kernel
+from devinterp.samplers.langevin import Position, drift, mala_log_accept, sq_distance
+
+__all__ = ["ChainRun", "Recorder", "run_chains"]
+
+#: A loss this many times the loss scale at w* away from the baseline has exploded.
+DIVERGENCE_FACTOR = 1e4
+#: On accelerators the model-NaN check syncs with the device only this often.
+_CHECK_EVERY = 16
+
+
+class Recorder(Protocol):
+    """Sees every recorded draw of a chunk: the positions (chain, *param) it was computed at,
+    the chains' minibatch losses (chain,), the paired baseline, and the minibatch itself."""
+
+    def on_draw(self, draw: int, position: Position, losses: Tensor, baseline: Tensor,
+                batch: Any) -> None: ...
+
+
+@dataclass
+class ChainRun:
+    """What one chunk of chains produced."""
+
+    loss: np.ndarray  # (chain, draw) L_B(w_t)
+    baseline: np.ndarray  # (draw,) L_B(w*)
+    accept: np.ndarray  # (chain,) mean MALA acceptance over recorded transitions
+    diverged: np.ndarray  # (chain,) bool
+    final: dict[str, Tensor]  # last positions (chain, *param)
+    divergences: list[dict[str, Any]]  # per diverged chain: chain, step, phase, loss
+
+
+def chain_generators(seed: int, chains: Sequence[int], device: torch.device) -> list:
+    """One noise generator per chain, seeded by (seed, chain index)."""
+    gens = []
+    for c in chains:
+        g = torch.Generator(device=device)
+        g.manual_seed((seed * 1_000_003 + 7919 * (c + 1)) % (2**63 - 1))
+        gens.append(g)
+    return gens
+
+
+def noise(gens: list, anchor: Position) -> Position:
+    """Standard normal noise shaped (chain, *param) with each chain's own generator."""
+    total = sum(v.numel() for v in anchor.values())
+    ref = next(iter(anchor.values()))
+    flat = torch.stack([torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype)
+                        for g in gens])
+    out, i = {}, 0
+    for k, v in anchor.items():
+        out[k] = flat[:, i : i + v.numel()].view(len(gens), *v.shape)
+        i += v.numel()
+    return out
+
+
+def chain_gradients(prob: Problem, chains: int, vectorize: bool) -> Callable:
+    """``(position (chain, *param), batch) -> (grads, losses (chain,))``, vmapped or looped."""
+    grad_fn = grad_and_value(prob.loss)
+    if vectorize:
+        return vmap(grad_fn, in_dims=(0, None))
+
+    def looped(params: Position, batch: Any) -> tuple[Position, Tensor]:
+        outs = [grad_fn({k: v[c] for k, v in params.items()}, batch) for c in range(chains)]
+        return ({k: torch.stack([g[k] for g, _ in outs]) for k in params},
+                torch.stack([val for _, val in outs]))
+
+    return looped
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether the chain loop should avoid host-device synchronisation (not on the CPU)."""
+    return device.type != "cpu"
+
+
+class DrawRecorder:
+    """The λ̂ trace's raw material: L_B(w_t) per chain and draw, and the paired L_B(w*)."""
+
+    def __init__(self, chains: int, draws: int, device: torch.device) -> None:
+        self.loss = torch.full((chains, draws), float("nan"), device=device,
+                               dtype=torch.float64)
+        self.baseline = torch.zeros(draws, device=device, dtype=torch.float64)
+
+    def on_draw(self, draw: int, position: Position, losses: Tensor, baseline: Tensor,
+                batch: Any) -> None:
+        self.loss[:, draw] = losses
+        self.baseline[draw] = baseline
+
+
+class MalaRecorder:
+    """MALA acceptance of every ``every``-th recorded transition, both ends on the same
+    minibatch (on different minibatches the energy difference is dominated by their noise)."""
+
+    def __init__(self, chains: int, device: torch.device, every: int, nbeta: float,
+                 localization: float, step_size: float) -> None:
+        self.sum = torch.zeros(chains, device=device, dtype=torch.float64)
+        self.count = 0
+        self.every, self.nbeta, self.gamma, self.eps = every, nbeta, localization, step_size
+
+    def due(self, draw: int) -> bool:
+        return bool(self.every) and draw % self.every == 0
+
+    def on_transition(self, gradients: Callable, old: Position, new: Position, info: dict,
+                      losses: Tensor, base: Tensor, anchor: Position, batch: Any) -> None:
+        grads_new, losses_new = gradients(new, batch)
+        with torch.no_grad():
+            u = self.nbeta * (losses - base) + 0.5 * self.gamma * sq_distance(
+                old, anchor).double()
+            u_new = self.nbeta * (losses_new.detach().double() - base) + (
+                0.5 * self.gamma * sq_distance(new, anchor).double())
+            dr_new = drift(new, grads_new, anchor, self.nbeta, self.gamma)
+            log_a = mala_log_accept(old, new, u, u_new, info["drift"], dr_new, self.eps,
+                                    info["precond"])
+            self.sum += torch.exp(torch.clamp(torch.nan_to_num(log_a, nan=-1e30), max=0.0))
+            self.count += 1
+
+    def acceptance(self, chains: int) -> np.ndarray:
+        if not self.count:
+            return np.full(chains, np.nan)
+        return (self.sum / self.count).cpu().numpy()
+
+
+class DivergenceMonitor:
+    """Tells which chains diverged, and why. A loss that turns non-finite straight from an
+    ordinary value (within 100x the loss scale at w*) was not blown up by the step: the model or
+    the loss returns NaN/inf near those weights, and the run stops at once (checked further by
+    :func:`_raise_model_nan`). An exploding loss is the step's: that chain restarts at w*, is
+    dropped from λ̂, and its first bad step is reported."""
+
+    def __init__(self, chains: Sequence[int], num_burnin: int, device: torch.device) -> None:
+        C = len(chains)
+        self.chains, self.num_burnin = list(chains), num_burnin
+        self.ref: Tensor | None = None  # |L_B(w*)| + 1 of the first minibatch: the scale
+        self.prev: Tensor | None = None  # each chain's loss at the previous step
+        self.diverged = torch.zeros(C, dtype=torch.bool, device=device)
+        self.first_bad = torch.full((C,), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros(C, dtype=torch.float64, device=device)
+        self.model_nan = torch.zeros(C, dtype=torch.bool, device=device)
+
+    def start(self, base: Tensor) -> None:
+        if not torch.isfinite(base):
+            raise NonFiniteLossError(f"the loss at w* is not finite ({base.item()}); estimate "
+                                     "λ̂ only at a checkpoint whose loss is finite")
+        self.ref = base.abs() + 1
+
+    def check(self, t: int, losses: Tensor, base: Tensor) -> Tensor:
+        """The chains whose loss at step ``t`` is non-finite or exploding (chain,)."""
+        finite = torch.isfinite(losses)
+        bad = ~finite | ((losses - base).abs() > DIVERGENCE_FACTOR * self.ref)
+        sane = (torch.ones_like(finite) if self.prev is None
+                else torch.isfinite(self.prev) & ((self.prev - base).abs() <= 100 * self.ref))
+        fresh = bad & ~self.diverged
+        self.model_nan |= fresh & ~finite & sane
+        self.first_bad = torch.where(fresh & (self.first_bad < 0), t, self.first_bad)
+        self.bad_loss = torch.where(fresh, losses, self.bad_loss)
+        self.prev = losses
+        return bad
+
+    def records(self) -> list[dict[str, Any]]:
+        out = []
+        for c, t in enumerate(self.first_bad.tolist()):
+            if t >= 0:
+                draw = t >= self.num_burnin
+                out.append({"chain": self.chains[c], "phase": "draw" if draw else "burn-in",
+                            "step": t - self.num_burnin if draw else t,
+                            "loss": float(self.bad_loss[c])})
+        return out
+
+
+def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kernel,
+               step_size: float, nbeta: float, localization: float, num_burnin: int,
+               num_draws: int, vectorize: bool, accept_every: int = 32, progress: Any = None,
+               recorders: Sequence[Recorder] = ()) -> ChainRun:
+    """Run ``chains`` from w* for ``num_burnin + num_draws`` steps; record the draws.
+
+    The start w* is never a draw (its loss is the baseline: counting it biases λ̂ low), so with
+    ``num_burnin=0`` the first draw is the position after one step.
+    """
+    num_burnin = max(num_burnin, 1)
+    C, dev = len(chains), prob.device
+    anchor = {k: v.unsqueeze(0).expand(C, *v.shape) for k, v in prob.anchor.items()}
+    state = kernel.init(anchor, localization=localization)
+    gens = chain_generators(seed, chains, dev)
+    gradients = chain_gradients(prob, C, vectorize)
+    draws = DrawRecorder(C, num_draws, dev)
+    mala = MalaRecorder(C, dev, accept_every, nbeta, localization, step_size)
+    monitor = DivergenceMonitor(chains, num_burnin, dev)
+    # Asking whether a chain diverged (bool(bad.any())) waits for the device at every step; on
+    # an accelerator the reset below runs unconditionally instead (same numbers, no wait).
+    free = sync_free(dev)
+    batches = prob.source.indexed(seed)
+    total = num_burnin + num_draws
+    base = None
+    for t in range(total):
+        idx, batch = next(batches)
+        draw = t - num_burnin
+        grads, losses = gradients(state.position, batch)
+        with torch.no_grad():
+            losses = losses.detach().double()
+            if base is None or draw >= 0:
+                # The paired baseline is only needed for draws (burn-in is thrown away).
+                base = prob.baseline(idx, batch)
+                if monitor.ref is None:
+                    monitor.start(base)
+            bad = monitor.check(t, losses, base)
+            if draw >= 0:
+                for recorder in (draws, *recorders):
+                    recorder.on_draw(draw, state.position, losses, base, batch)
+            new, info = kernel.step(state, grads, noise(gens, prob.anchor), anchor=anchor,
+                                    step_size=step_size, nbeta=nbeta,
+                                    localization=localization, adapt=t < num_burnin)
+        if draw >= 0 and mala.due(draw):
+            mala.on_transition(gradients, state.position, new.position, info, losses, base,
+                               anchor, batch)
+        if (not free or t % _CHECK_EVERY == _CHECK_EVERY - 1 or t == total - 1) and bool(
+                monitor.model_nan.any()):
+            _raise_model_nan(monitor, state.position, anchor, base, bad, exact=not free)
+        if free or bool(bad.any()):
+            with torch.no_grad():
+                # A diverged chain restarts at w* so it cannot poison later arithmetic; its
+                # records are dropped and it is left out of λ̂.
+                monitor.diverged |= bad
+                for k, v in new.position.items():
+                    new.position[k] = torch.where(
+                        monitor.diverged.view(C, *([1] * (v.dim() - 1))), anchor[k], v)
+        state = new
+        if progress is not None:
+            progress.update(C)
+    draws.loss[monitor.diverged] = float("nan")
+    return ChainRun(draws.loss.cpu().numpy(), draws.baseline.cpu().numpy(),
+                    mala.acceptance(C), monitor.diverged.cpu().numpy(), state.position,
+                    monitor.records())
+
+
+def _raise_model_nan(monitor: DivergenceMonitor, position: Position, anchor: Position,
+                     base: Tensor, bad: Tensor, exact: bool) -> None:
+    """Stop at once when the model, not the step, makes the loss non-finite near w*.
+
+    ``exact`` (the loss was just computed at ``position``): confirm that the weights there are
+    finite and not much farther from w* than the healthy chains' (a step that threw a chain far
+    away is the step's fault). Without it (accelerators check every few steps, and the chain
+    has been reset since) the loss-based rule alone decides.
+    """
+    flags = monitor.model_nan
+    confirmed, dist = None, float("nan")
+    sq = sq_distance(position, anchor).double() if exact else None
+    healthy_chains = ~(monitor.diverged | bad)
+    for c in torch.nonzero(flags).flatten().tolist():
+        if exact:
+            healthy = sq[healthy_chains & torch.isfinite(sq)]
+            finite = all(bool(torch.isfinite(v[c]).all()) for v in position.values())
+            if not finite or (healthy.numel() and float(sq[c]) > 100 * float(healthy.max())
+                              + 1e-12):
+                flags[c] = False  # the step threw it far away: an ordinary divergence
+                continue
+            dist = float(sq[c].sqrt())
+        confirmed = c
+        break
+    if confirmed is None:
+        return
+    t = int(monitor.first_bad[confirmed])
+    where = (f"draw {t - monitor.num_burnin}" if t >= monitor.num_burnin
+             else f"burn-in step {t}")
+    raise NonFiniteLossError(
+        f"the loss became non-finite at sampled weights near w* (chain "
+        f"{monitor.chains[confirmed]}, {where}, ‖w − w*‖ = {dist:.3g}, loss at w* "
+        f"{float(base):.4g}), straight from an ordinary value: the model or the loss returns "
+        "NaN/inf there, which a smaller step size does not fix. Find the operation that does "
+        "(log or sqrt of values <= 0, 0·inf, x/0, pow with a negative exponent), or leave those "
+        "weights out of the sample with weights=[...]")

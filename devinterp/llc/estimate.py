@@ -1,0 +1,260 @@
+"""``estimate_llc``: validate, build the problem, calibrate, run the chains, summarize."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from devinterp.config import SamplerConfig
+from devinterp.llc import calibration, driver
+from devinterp.llc.data import LossFn, TensorBatches, batch_source, to_device
+from devinterp.llc.problem import (
+    BatchLoss,
+    Problem,
+    check_loss,
+    sampled_parameters,
+    vmap_works,
+)
+from devinterp.llc.result import LLCResult, summarize
+from devinterp.samplers import get_kernel
+
+__all__ = ["DEFAULT_LOCALIZATION", "SMALL_MODEL_WORK", "estimate_llc"]
+
+_DEFAULT = SamplerConfig()
+DEFAULT_LOCALIZATION = _DEFAULT.localization
+#: Below this many sampled parameters × batch size, estimate_llc runs on one CPU thread by
+#: default: per-op work is too small to split (``python tools/bench_threads.py``).
+SMALL_MODEL_WORK = 2**26
+
+
+# The signature and docstring are the public contract (every option with its meaning); the
+# body is a few lines over the others because it is the one place that sequences the steps.
+def estimate_llc(
+    model: nn.Module,
+    data: Dataset | DataLoader | tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+    *,
+    batch_loss: BatchLoss | None = None,
+    num_chains: int = _DEFAULT.num_chains,
+    num_draws: int = _DEFAULT.num_draws,
+    num_burnin: int | None = _DEFAULT.num_burnin,
+    batch_size: int = _DEFAULT.batch_size,
+    step_size: float | Literal["auto"] = _DEFAULT.step_size,
+    localization: float | None = _DEFAULT.localization,
+    nbeta: float | None = _DEFAULT.nbeta,
+    sampler: Literal["sgld", "rmsprop_sgld"] = _DEFAULT.sampler,
+    seed: int = _DEFAULT.seed,
+    weights: Sequence[str] | None = _DEFAULT.weights,
+    device: str | torch.device | None = None,
+    num_samples: int | None = _DEFAULT.num_samples,
+    first_chain: int = 0,
+    chain_chunk_size: int | None = _DEFAULT.chain_chunk_size,
+    vectorize: bool = _DEFAULT.vectorize,
+    num_threads: int | None = _DEFAULT.num_threads,
+    progress: bool = False,
+) -> LLCResult:
+    """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
+
+    λ̂ = nβ·(E[L_B(w)] − L_B(w*)) with w drawn by SGLD from
+    p(w) ∝ exp(−nβ·L(w) − (γ/2)·‖w − w*‖²); the baseline L_B(w*) is paired with every draw's
+    minibatch (see :mod:`devinterp.llc` for why).
+
+    Args:
+        model: the network at w*. Its parameters with ``requires_grad`` are sampled (see
+            ``weights``); buffers (e.g. BatchNorm statistics) are held fixed and the model is
+            evaluated in eval mode. The model itself is never modified.
+        data: a ``Dataset``, a ``DataLoader`` (its dataset is reshuffled from ``seed``) or a
+            tuple ``(inputs, targets)`` of tensors.
+        loss_fn: ``loss_fn(outputs, targets)`` -> scalar mean loss of a batch. It should be a
+            negative log-likelihood up to a constant (e.g. cross entropy, or ½·squared error for
+            unit-variance Gaussian noise) for λ̂ to estimate λ.
+        batch_loss: instead of ``loss_fn``, for batches that are not ``(inputs, targets)``:
+            ``batch_loss(forward, batch)`` -> scalar, where ``forward(*args)`` runs the model at
+            the sampled weights.
+        num_chains: number of independent chains (λ̂ per chain, std across chains).
+        num_draws: recorded draws per chain, after burn-in.
+        num_burnin: steps discarded at the start of each chain (they start at w* and would bias
+            λ̂ low). Default: ``num_draws // 2``. The start w* itself is never a draw.
+        batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own).
+        step_size: ε, or ``"auto"``: ε from the top Hessian eigenvalue (ε·(nβ·λ_max + γ) =
+            0.1) and short pilot chains that must not diverge and must keep a MALA acceptance
+            of ~0.9 (halving ε otherwise).
+        localization: γ, the strength of the pull to w*. Default 1.0. Keep γ ≪ nβ·curvature or
+            λ̂ is pushed down.
+        nbeta: nβ, the inverse temperature times n. Default n/log n with n the number of
+            samples (Lau et al.). Always report nβ with λ̂: other conventions change it a lot.
+        sampler: ``"rmsprop_sgld"`` (default): RMSProp-preconditioned SGLD whose preconditioner
+            adapts during burn-in and is then frozen, so draws target the right posterior while
+            flat (singular) and stiff directions mix at similar speeds; or plain ``"sgld"``.
+        seed: seeds minibatch order and each chain's noise; the global RNG is untouched.
+        weights: the weight-refined LLC (Wang et al. 2024): names or ``fnmatch`` patterns of
+            the parameters SGLD moves (e.g. ``["blocks.0.attn.*"]``), frozen or not; every
+            other weight stays at w*. Default: all parameters with ``requires_grad``. (The
+            data-refined LLC needs no option: pass the other distribution's data.)
+        device: where to sample. Default: the device of the model's parameters.
+        num_samples: n, when ``data`` has no length (an IterableDataset).
+        first_chain: index of the first chain; chains are seeded by (seed, index), so split
+            ranges (DDP ranks) reproduce one run. Merge them with :func:`merge_results`.
+        chain_chunk_size: run at most this many chains at once (memory); same numbers.
+        vectorize: batch chains with ``torch.func.vmap`` (True) or loop over them (False).
+        num_threads: torch intra-op threads during the call (restored afterwards). Default:
+            one thread when the model is small (sampled parameters × batch size below
+            :data:`SMALL_MODEL_WORK`), where thread hand-offs cost more than they save
+            (``tools/bench_threads.py``), unless ``OMP_NUM_THREADS`` is set (``--threads`` of
+            every command sets it); else torch's setting.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        An :class:`LLCResult`. Arrays of samples are shaped (chain, draw).
+
+    Raises:
+        ValueError / TypeError: bad arguments, named with what to do instead.
+        AllChainsDivergedError: every chain diverged (use a smaller step size).
+    """
+    t_start = time.perf_counter()
+    cfg = SamplerConfig.from_options({
+        "num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
+        "batch_size": batch_size, "step_size": step_size, "localization": localization,
+        "nbeta": nbeta, "sampler": sampler, "seed": seed, "num_samples": num_samples,
+        "chain_chunk_size": chain_chunk_size, "vectorize": vectorize,
+        "num_threads": num_threads, "weights": weights})
+    if (loss_fn is None) == (batch_loss is None):
+        raise TypeError("pass exactly one of loss_fn(outputs, targets) or "
+                        "batch_loss(forward, batch)")
+    params = sampled_parameters(model, cfg.weights)
+    prob, meta = _build_problem(model, data, params, loss_fn, batch_loss, cfg, device)
+    nbeta = _default_nbeta(prob.source.n) if cfg.nbeta is None else float(cfg.nbeta)
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = [prob.device.index or 0] if prob.device.type == "cuda" else []
+    threads = torch.get_num_threads()
+    use_threads = _thread_policy(cfg, params, prob.device)
+    notes: list[str] = []
+    try:
+        if use_threads is not None:
+            torch.set_num_threads(use_threads)
+        model.eval()
+        with torch.random.fork_rng(devices=cuda):
+            check_loss(prob, cfg.seed)
+            vectorize = cfg.vectorize and (cfg.num_chains == 1 or vmap_works(prob, cfg.seed, notes))
+            _cache_baseline(prob, cfg, loss_fn)
+            eps, calib = _step_size(prob, cfg, nbeta, vectorize)
+            t_cal = time.perf_counter() - t_start
+            runs = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress)
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        torch.set_num_threads(threads)
+
+    loss = np.concatenate([r.loss for r in runs])
+    baseline = runs[0].baseline
+    settings = {
+        "nbeta": nbeta, "step_size": float(eps), "localization": float(cfg.localization),
+        "num_chains": cfg.num_chains, "num_draws": cfg.num_draws, "num_burnin": cfg.burnin,
+        "batch_size": getattr(prob.source, "batch_size", cfg.batch_size),
+        "sampler": cfg.sampler, "seed": cfg.seed, "num_samples": prob.source.n,
+        "step_size_auto": cfg.step_size == "auto", "vectorize": vectorize, **meta,
+        "num_threads": use_threads or threads,
+        "weights": None if cfg.weights is None else list(cfg.weights),
+        "num_sampled_params": sum(p.numel() for p in params.values()),
+    }
+    extra = dict(calib)
+    extra["divergences"] = [d for r in runs for d in r.divergences]
+    extra["calibration_s"] = t_cal if cfg.step_size == "auto" else 0.0
+    extra["elapsed_s"] = time.perf_counter() - t_start
+    result = summarize(nbeta * (loss - baseline[None, :]), loss, baseline,
+                       np.concatenate([r.accept for r in runs]),
+                       np.concatenate([r.diverged for r in runs]), settings, extra)
+    result.warnings[:0] = notes
+    return result
+
+
+def _build_problem(model: nn.Module, data: Any, params: dict[str, nn.Parameter],
+                   loss_fn: LossFn | None, batch_loss: BatchLoss | None, cfg: SamplerConfig,
+                   device: str | torch.device | None) -> tuple[Problem, dict[str, str]]:
+    """The problem at w*, on ``device``; half-precision weights are sampled in float32."""
+    dev = torch.device(device) if device is not None else next(iter(params.values())).device
+    # Half-precision weights cannot hold a Langevin step (w + ε·drift rounds back to w, and
+    # λ̂ reads ~0): sample in float32 master weights, with data cast to match.
+    model_dtype = next(iter(params.values())).dtype
+    work = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else None
+    source = batch_source(data, cfg.batch_size, dev, cfg.num_samples, work)
+    anchor = {k: to_device(v.detach(), dev, work).clone() for k, v in params.items()}
+    consts = {k: to_device(v.detach(), dev, work) for k, v in model.named_parameters()
+              if k not in params}
+    consts.update({k: to_device(v.detach(), dev, work) for k, v in model.named_buffers()})
+    meta = {"model_dtype": str(model_dtype).removeprefix("torch."),
+            "sample_dtype": str(work or model_dtype).removeprefix("torch.")}
+    return Problem(model, anchor, consts, loss_fn, batch_loss, source, dev), meta
+
+
+def _default_nbeta(n: int | None) -> float:
+    """nβ = n / log n (Lau et al.), n the number of samples."""
+    if n is None:
+        raise ValueError("cannot infer n for nbeta = n/log n from an IterableDataset; pass "
+                         "num_samples=n or nbeta=...")
+    if n < 2:
+        raise ValueError(f"need at least 2 samples for the default nbeta = n/log n, got {n}")
+    return n / math.log(n)
+
+
+def _thread_policy(cfg: SamplerConfig, params: dict[str, nn.Parameter],
+                   device: torch.device) -> int | None:
+    """The torch threads to use during the call, or None to leave torch's setting."""
+    if cfg.num_threads is not None:
+        return cfg.num_threads
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None  # an accelerator, or the user chose the process's threads
+    work = sum(p.numel() for p in params.values()) * cfg.batch_size
+    return 1 if work < SMALL_MODEL_WORK else None
+
+
+def _cache_baseline(prob: Problem, cfg: SamplerConfig, loss_fn: LossFn | None) -> None:
+    """Per-sample losses at w*, when one pass over the data costs less than a baseline
+    forward per draw and the loss is proven to be their mean (else a paired forward)."""
+    source = prob.source
+    chunks = math.ceil(cfg.num_chains / (cfg.chain_chunk_size or cfg.num_chains))
+    if isinstance(source, TensorBatches) and loss_fn is not None and (
+            source.n <= 2 * cfg.num_draws * source.batch_size * chunks):
+        prob.baseline_cache = source.per_sample_losses(prob.outputs_at_anchor, loss_fn)
+
+
+def _step_size(prob: Problem, cfg: SamplerConfig, nbeta: float, vectorize: bool
+               ) -> tuple[float, dict]:
+    """ε as given, or calibrated (see :mod:`devinterp.llc.calibration`)."""
+    if cfg.step_size != "auto":
+        return float(cfg.step_size), {}
+    return calibration.calibrate(
+        prob, seed=cfg.seed, nbeta=nbeta, localization=float(cfg.localization),
+        kernel=get_kernel(cfg.sampler), vectorize=vectorize,
+        pilot_steps=max(16, min(48, (cfg.burnin + cfg.num_draws) // 16)),
+        num_pilot=min(2, cfg.num_chains))
+
+
+def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, eps: float, vectorize: bool,
+             first_chain: int, progress: bool) -> list[driver.ChainRun]:
+    """Every chain, in chunks of ``chain_chunk_size`` (same numbers as one chunk)."""
+    chains = list(range(first_chain, first_chain + cfg.num_chains))
+    chunk = cfg.chain_chunk_size or cfg.num_chains
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.num_chains * (cfg.burnin + cfg.num_draws), desc="LLC",
+                   unit="step", leave=False)
+    try:
+        return [driver.run_chains(prob, chains[i : i + chunk], seed=cfg.seed,
+                                  kernel=get_kernel(cfg.sampler), step_size=eps, nbeta=nbeta,
+                                  localization=float(cfg.localization), num_burnin=cfg.burnin,
+                                  num_draws=cfg.num_draws, vectorize=vectorize, progress=bar)
+                for i in range(0, cfg.num_chains, chunk)]
+    finally:
+        if bar is not None:
+            bar.close()
