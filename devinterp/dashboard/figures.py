@@ -22,7 +22,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,7 +193,42 @@ def warning_columns(llc: pd.DataFrame) -> list[str]:
     return [c for c in llc.columns if column_key(c) == "warnings"]
 
 
-def _breaks(rule: HealthRule, value: float, row: dict[str, float]) -> bool:
+class _Columns:
+    """The numeric columns of a λ̂ table as lists, by diagnostic name, read on first use."""
+
+    def __init__(self, llc: pd.DataFrame) -> None:
+        self._llc = llc
+        self._names = {column_key(c): c for c in llc.columns if _is_numeric(llc[c])}
+        self._lists: dict[str, list[float]] = {}
+
+    def value(self, name: str, k: int) -> float:
+        if name not in self._lists:
+            self._lists[name] = self._llc[self._names[name]].to_numpy(dtype=np.float64).tolist()
+        return self._lists[name][k]
+
+    def row(self, k: int) -> Mapping[str, float]:
+        return _Row(self, k)
+
+
+class _Row(Mapping):
+    """Row ``k`` of a :class:`_Columns` as a read-only mapping (built without copying)."""
+
+    def __init__(self, columns: _Columns, k: int) -> None:
+        self._columns, self._k = columns, k
+
+    def __getitem__(self, name: str) -> float:
+        if name not in self._columns._names:
+            raise KeyError(name)
+        return self._columns.value(name, self._k)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._columns._names)
+
+    def __len__(self) -> int:
+        return len(self._columns._names)
+
+
+def _breaks(rule: HealthRule, value: float, row: Mapping[str, float]) -> bool:
     """``rule.flagged``, and an infinite value beyond a bound breaks it too (an R-hat of inf:
     chains that never moved and disagree)."""
     if math.isinf(value):
@@ -218,20 +253,18 @@ def health_flags(llc: pd.DataFrame, run_index: int = 0) -> list[Flag]:
                 failed.add(step)
                 why = f"no estimate: {_text(reason)}" if _text(reason) else "no estimate"
                 flags.append(Flag(run_index, step, "status", status, why))
-    numeric = {column_key(c): c for c in llc.columns if _is_numeric(llc[c])}
+    # Every numeric column, for rules that read other values of the row (draws below w*
+    # matter when λ̂ < 0).
+    table = _Columns(llc)
     for col in llc.columns:
         rules = rules_for(col)
         if not rules or not _is_numeric(llc[col]):
             continue
         values = llc[col].to_numpy(dtype=np.float64).tolist()
-        # The other diagnostics a rule may depend on (draws below w* matter when λ̂ < 0).
-        context = {r.when_negative: llc[numeric[r.when_negative]].to_numpy(
-                   dtype=np.float64).tolist() for r in rules
-                   if r.when_negative and r.when_negative in numeric}
         for k, (step, v) in enumerate(zip(steps.tolist(), values, strict=True)):
             if step in failed:
                 continue
-            row = {name: column[k] for name, column in context.items()}
+            row = table.row(k)
             rule = next((r for r in rules if _breaks(r, v, row)), None)
             if rule is not None:
                 flags.append(Flag(run_index, step, col, f"{v:.4g}", rule.why))
