@@ -288,3 +288,16 @@ def test_flag_table_lists_each_problem_once(tmp_path: Path) -> None:
     flags = page["diagnostics"]["flags"]
     assert len(flags) == 50 and {f["what"] for f in flags} == {"R-hat"}
     assert flags[0]["why"] == RHAT_WARNING
+
+
+def test_a_poll_of_an_unchanged_page_is_small(serving: DashboardServer) -> None:
+    status, body = get(serving, "/api/page?run=good")
+    page = json.loads(body)
+    status, body = get(serving, f"/api/page?run=good&known={page['signature']}")
+    assert status == 200 and json.loads(body) == {"signature": page["signature"],
+                                                  "unchanged": True}
+    RunStore(serving.root / "good").write_llc_row({"step": 20000, "llc_mean": 9.0,
+                                                   "llc_std": 0.5})
+    status, body = get(serving, f"/api/page?run=good&known={page['signature']}")
+    changed = json.loads(body)
+    assert "unchanged" not in changed and changed["runs"][0]["points"] == 6

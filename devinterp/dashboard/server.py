@@ -6,7 +6,8 @@ Routes (all ``GET``; anything else is 404):
 - ``/run/<path>``                     the dashboard of one run (``<path>`` relative to ROOT)
 - ``/compare?run=<path>&run=<path>``  several runs overlaid
 - ``/api/runs``                       the index as JSON (the index page polls it)
-- ``/api/page?run=<path>[&run=...]``  a page model as JSON (run pages poll it for new λ̂ rows)
+- ``/api/page?run=<path>[&run=...][&known=SIG]``  a page model as JSON (run pages poll it for
+  new λ̂ rows; with the signature of the model they have, an unchanged page is a few bytes)
 - ``/api/trace?run=<path>&step=<n>``  the loss trace (chain × draw) of one checkpoint
 - ``/static/plotly.js``               plotly.js from the installed ``plotly`` package
 
@@ -248,15 +249,21 @@ class DashboardServer(ThreadingHTTPServer):
         sig = dir_signature(path)
         return self.runs.get((path, sig), lambda: load_run(path)), sig
 
-    def page(self, refs: list[str]) -> dict:
+    def page(self, refs: list[str], known: str | None = None) -> dict:
+        """The page model of ``refs``; just ``{"signature", "unchanged": true}`` when it is
+        still the one whose signature the client ``known``s (a poll then costs bytes, not the
+        whole model of a long run)."""
         paths = [self.resolve(r) for r in refs]
         loaded = [self.load(p) for p in paths]
         key = tuple((p, sig) for p, (_, sig) in zip(paths, loaded, strict=True))
+        signature = hashlib.sha1(repr(key).encode()).hexdigest()
+        if known == signature:
+            return {"signature": signature, "unchanged": True}
 
         def make() -> dict:
             page = build_page([run for run, _ in loaded], refs=[self.ref(p) for p in paths],
                               embed_traces=False)
-            page["signature"] = hashlib.sha1(repr(key).encode()).hexdigest()
+            page["signature"] = signature
             return page
 
         return self.pages.get(key, make)
@@ -318,7 +325,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/api/runs":
             self._json(srv.index())
         elif path == "/api/page":
-            self._json(srv.page(self._refs(query)))
+            self._json(srv.page(self._refs(query), query.get("known", [None])[0]))
         elif path == "/api/trace":
             self._trace(query)
         else:

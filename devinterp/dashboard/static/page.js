@@ -349,14 +349,15 @@
 
   function poll() {
     status.polls += 1;
-    fetch(config.page_url, {cache: "no-store"}).then(function (r) {
+    var url = config.page_url + "&known=" + encodeURIComponent(page.signature || "");
+    fetch(url, {cache: "no-store"}).then(function (r) {
       return r.json().then(function (body) {
         if (!r.ok) throw new Error(body.error || "HTTP " + r.status);
         return body;
       });
     }).then(function (next) {
       setLive("live · checked " + new Date().toLocaleTimeString(), true);
-      if (next.signature !== page.signature) { page = next; return render(); }
+      if (!next.unchanged && next.signature !== page.signature) { page = next; return render(); }
       return null;
     }).catch(function (err) {
       setLive("live · " + err.message + " · retrying", false);
