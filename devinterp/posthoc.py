@@ -830,7 +830,9 @@ def _parser() -> ArgumentParser:
                    help="write λ̂ into this run directory instead (e.g. one per weight-refined "
                    "curve); it gets RUN_DIR's run.json and training metrics. Default for a "
                    "folder of .ckpt files: the sibling FOLDER-llc")
-    p.add_argument("--force", action="store_true", help="re-estimate steps already done")
+    p.add_argument("--force", action="store_true",
+                   help="re-estimate steps already done (needed to change the settings of a "
+                        "table: every snapshot is then re-estimated, so rows never mix)")
     p.add_argument("--workers", type=int, help="number of processes sharing the snapshots; "
                    "without --rank (and outside torchrun) this command launches them "
                    "(default: $WORLD_SIZE or 1)")
