@@ -202,7 +202,7 @@ def test_health_flags_find_exactly_the_planted_problems(run_dir: Path) -> None:
     ("rhat", 1.1, False), ("rhat", 1.11, True), ("rhat", float("inf"), True),
     ("rhat", float("nan"), False), ("mala_acceptance", 0.9, False),
     ("mala_acceptance", 0.89, True), ("mala_acceptance", 0.49, True), ("num_diverged", 0, False),
-    ("num_diverged", 2, True), ("ess", 99.0, True), ("ess", 100.0, False),
+    ("num_diverged", 2, True), ("ess", 9.0, True), ("ess", 10.0, False),
     # Draws below w* matter when λ̂ < 0 (this row's λ̂ is 1.0): see the tests below.
     ("frac_below_baseline", 0.31, False), ("drift", -4.5, True), ("drift", 4.5, True),
     ("llc_mean", -0.2, True), ("llc_mean", float("nan"), True), ("llc/rhat", 2.0, True),
@@ -217,6 +217,17 @@ def test_health_rule_boundaries(tmp_path: Path, column: str, value: float,
     assert bool(flags) == flagged
     if flagged:
         assert flags[0].column == column and flags[0].step == 7
+
+
+def test_ess_is_judged_per_chain_that_did_not_diverge() -> None:
+    """λ̂'s error bar needs ~10 effective draws per chain: 4 chains need 40 in all, and a
+    diverged chain does not count."""
+    from devinterp.health import rule_for
+
+    rule = rule_for("ess")
+    assert rule.flagged(39.0, {"num_chains": 4}) and not rule.flagged(40.0, {"num_chains": 4})
+    assert not rule.flagged(30.0, {"num_chains": 4, "num_diverged": 1})
+    assert rule.flagged(float("nan"), {}) is False
 
 
 def test_rows_written_by_the_estimator_pipeline(tmp_path: Path) -> None:

@@ -381,7 +381,8 @@ def test_bad_values_are_refused_up_front_with_the_name(bad):
 
 
 # -- threads ---------------------------------------------------------------------------------
-def test_small_models_run_on_one_thread_and_the_setting_is_restored():
+def test_small_models_run_on_one_thread_and_the_setting_is_restored(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
     model = nn.Linear(4, 1)
     data = (torch.randn(64, 4), torch.randn(64, 1))
@@ -418,3 +419,26 @@ def test_normal_crossings_match_the_exact_tempered_posterior(powers):
                      step_size=probe.settings["step_size"] / 4)
     assert r.diagnostics["num_diverged"] == 0
     assert abs(r.llc_mean - exact) < 3 * r.diagnostics["llc_se"], (r.llc_mean, exact)
+
+
+# -- RNNs on CUDA ----------------------------------------------------------------------------
+def test_rnn_models_sample_with_cudnn_off_on_cuda_only():
+    """cuDNN has no RNN backward in eval mode; the problem turns it off for RNN models on
+    CUDA (run for real on a GPU by tests/test_cuda.py) and leaves every other case alone."""
+    from devinterp.llc.problem import Problem
+
+    rnn, mlp = nn.GRU(3, 4), nn.Linear(3, 4)
+    for model, device, off in ((rnn, "cuda", True), (rnn, "cpu", False), (mlp, "cuda", False)):
+        prob = Problem(model, {}, {}, None, None, None, torch.device(device))
+        with prob._rnn_backward_allowed():
+            assert torch.backends.cudnn.enabled is (not off)
+    assert torch.backends.cudnn.enabled
+
+
+def test_a_thread_count_the_user_chose_for_the_process_is_kept(monkeypatch):
+    """``--threads N`` (every command) sets OMP_NUM_THREADS: the small-model policy yields."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    before = torch.get_num_threads()
+    r = estimate_llc(nn.Linear(4, 1), (torch.randn(64, 4), torch.randn(64, 1)), half_se,
+                     num_chains=2, num_draws=4, step_size=1e-4)
+    assert r.settings["num_threads"] == before

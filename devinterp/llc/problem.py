@@ -50,6 +50,9 @@ class Problem:
     device: torch.device
     baseline_cache: Tensor | None = None  # per-sample losses at w*, when the loss is a mean
 
+    def __post_init__(self) -> None:
+        self.has_rnn = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
+
     def baseline(self, idx: Tensor | None, batch: Any) -> Tensor:
         """L_B(w*) of this minibatch: from the cache when possible, else one forward pass."""
         if idx is not None and self.baseline_cache is not None:
@@ -60,11 +63,19 @@ class Problem:
         """The batch loss with the model's weights replaced by ``params`` for the whole call,
         so a ``batch_loss`` may run the model, any of its submodules or methods (e.g. a
         LightningModule's ``training_step``) and every use of a tied tensor moves together."""
-        with at_weights(self.model, {**self.consts, **params}):
+        with at_weights(self.model, {**self.consts, **params}), self._rnn_backward_allowed():
             if self.batch_loss is not None:
                 return self.batch_loss(self.model, batch)
             inputs, targets = batch
             return self.loss_fn(self.model(inputs), targets)
+
+    def _rnn_backward_allowed(self) -> contextlib.AbstractContextManager:
+        """cuDNN refuses an RNN's backward in eval mode (the mode sampling runs in), so on
+        CUDA a model with RNN layers samples with cuDNN off (PyTorch's own kernels); a no-op
+        elsewhere."""
+        if self.device.type == "cuda" and self.has_rnn:
+            return torch.backends.cudnn.flags(enabled=False)
+        return contextlib.nullcontext()
 
     def outputs_at_anchor(self, inputs: Tensor) -> Tensor:
         """The model's outputs at w* (for the per-sample baseline cache)."""
