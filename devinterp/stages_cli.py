@@ -21,12 +21,13 @@ from devinterp.stages import (
     DEFAULT_METHOD,
     METHODS,
     CriticalPoints,
-    _detect,
+    conflicting_stages,
+    detect_with,
     format_table,
     make_detector,
     write_stages,
 )
-from devinterp.store import STAGES_FILE, RunStore
+from devinterp.store import STAGES_FILE
 
 #: Detector options on the command line: (name, type, metavar, help).
 _DETECTOR_FLAGS = (
@@ -40,26 +41,6 @@ _DETECTOR_FLAGS = (
     ("min_stage_checkpoints", int, "N", "fewest checkpoints the first and last stage span, "
      "ends included"),
 )
-
-
-def conflicting_stages(run_dir: str | Path, method: str, params: dict[str, Any]) -> str | None:
-    """Why writing stages found by ``method`` with ``params`` into ``run_dir`` would replace
-    different ones (a phrase for a message), or None when nothing would be lost: no
-    ``stages.json``, one without stages, or one from the same method and settings (settings it
-    does not record count as that method's defaults)."""
-    doc = RunStore(run_dir).read_json(STAGES_FILE)
-    if not (doc.get("stages") if isinstance(doc, dict) else doc):
-        return None
-    if not isinstance(doc, dict):  # a bare list of stages, as early versions wrote
-        return "it holds stages that record no method"
-    old = doc.get("method")
-    if old != method:
-        return f"it holds stages found with --method {old}"
-    recorded = {**make_detector(method).params, **(doc.get("params") or {})}
-    changed = [f"{k}={recorded.get(k)!r}" for k in params if recorded.get(k) != params[k]]
-    if not changed:
-        return None
-    return f"it holds stages found with other settings ({', '.join(changed[:3])})"
 
 
 def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> int:
@@ -103,7 +84,7 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
     detector = make_detector(args.method, **options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        stages = _detect(args.input, detector)
+        stages = detect_with(args.input, detector)
     for w in caught:
         print(f"{prog}: note: {w.message}", file=sys.stderr)
     if Path(args.input).is_dir() and not args.no_write:

@@ -206,7 +206,7 @@ def test_a_bare_list_of_stages_is_kept_unless_forced(tmp_path, planted, capsys) 
 def test_threads_reach_the_fit(tmp_path, planted, capsys, monkeypatch) -> None:
     """--threads N sets the BLAS threads of the detector's fit (default 1) and the process's
     pools; an invalid count is one line and exit code 2."""
-    import devinterp.stages as stages_module
+    import devinterp.stages.base as stages_module
     from devinterp.cli import THREAD_ENV
 
     for name in THREAD_ENV:

@@ -14,17 +14,16 @@ from devinterp.stages import (
     MAX_POINTS,
     ChangePoints,
     CriticalPoints,
-    _bin_points,
-    _detect,
-    _Points,
-    _WeightedLinearCost,
     detect_stages,
+    detect_with,
     estimate_noise,
     log_step,
     make_detector,
     relative_sd,
     write_stages,
 )
+from devinterp.stages.costs import WeightedLinearCost
+from devinterp.stages.points import _bin_points, _Points
 from devinterp.store import STAGES_FILE, RunStore, load_run
 from devinterp.synthetic import (
     Transition,
@@ -221,7 +220,7 @@ def test_a_long_curve_binned_gives_the_stages_of_the_full_curve() -> None:
                                             noise=0.003, seed=0)
     assert len(curve) > 1_000
     binned, full = CriticalPoints(max_points=300), CriticalPoints(max_points=None)
-    stages_binned, stages_full = _detect(curve, binned), _detect(curve, full)
+    stages_binned, stages_full = detect_with(curve, binned), detect_with(curve, full)
     assert len(binned.points_.x) <= 300 and len(full.points_.x) == len(curve)
     assert_recovered(stages_binned, truth, types)
     assert_recovered(stages_full, truth, types)
@@ -234,7 +233,7 @@ def test_100k_checkpoints_run_binned_and_find_the_planted_stages() -> None:
     curve, truth, types = planted_llc_curve(language_model_transitions(),
                                             steps=np.arange(100_000), noise=0.003, seed=0)
     det = make_detector("auto")
-    stages = _detect(curve, det)
+    stages = detect_with(curve, det)
     assert len(det.points_.x) <= MAX_POINTS
     assert_recovered(stages, truth, types)
     assert stages[0]["start_step"] == 0 and stages[-1]["end_step"] == 99_999
@@ -359,7 +358,7 @@ def test_weighted_linear_cost_matches_least_squares() -> None:
     x = np.sort(rng.uniform(0, 3, 40))
     y = 2 * x + rng.standard_normal(40)
     w = rng.uniform(0.5, 2, 40)
-    cost = _WeightedLinearCost().fit(np.column_stack([y, x, w]))
+    cost = WeightedLinearCost().fit(np.column_stack([y, x, w]))
     coef = np.polyfit(x[5:30], y[5:30], 1, w=np.sqrt(w[5:30]))
     rss = float(np.sum(w[5:30] * (y[5:30] - np.polyval(coef, x[5:30])) ** 2))
     assert cost.error(5, 30) == pytest.approx(rss)
@@ -367,6 +366,6 @@ def test_weighted_linear_cost_matches_least_squares() -> None:
     x = np.linspace(0, 3, 60)
     y = np.where(x < 1, x, np.where(x < 2, 1.0, 1 - 2 * (x - 2)))
     y = np.where((x >= 1) & (x < 2), 5.0, y)
-    cost = _WeightedLinearCost().fit(np.column_stack([y, x, np.ones_like(x)]))
+    cost = WeightedLinearCost().fit(np.column_stack([y, x, np.ones_like(x)]))
     bkps = rpt.Pelt(custom_cost=cost, min_size=3, jump=1).fit(cost.signal).predict(pen=1.0)
     assert bkps == [int(np.argmax(x >= 1)), int(np.argmax(x >= 2)), 60]

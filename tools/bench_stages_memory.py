@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from devinterp.stages import MAX_POINTS, _detect, log_step, make_detector  # noqa: E402
+from devinterp.stages import MAX_POINTS, detect_with, log_step, make_detector  # noqa: E402
 from devinterp.synthetic import language_model_transitions, planted_llc_curve  # noqa: E402
 
 LAST_STEP = 99_999
@@ -52,7 +52,7 @@ def one(rows: int, method: str, max_points: int | None, threads: int) -> dict:
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stages = _detect(curve, detector)
+        stages = detect_with(curve, detector)
     seconds = time.perf_counter() - start
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
