@@ -317,7 +317,23 @@ def run_experiment(config: Path, overrides: list[str], run_dir: Path) -> Path:
 
 
 def write_stages_of(run_dir: Path) -> list[dict]:
-    """Detect the run's stages and write ``stages.json``; with too few λ̂ points, say why."""
+    """The run's stages, detected once per run: the ``LLCCallback`` already detected them and
+    wrote ``stages.json`` at the end of inline training, so those are read back; otherwise
+    (deferred mode, too few λ̂ points for the callback) they are detected and written here, and
+    with too few λ̂ points ``stages.json`` says why there are none."""
+    from devinterp import stages as st
+
+    found = st.read_stages(run_dir)  # the run directory was new: only this run wrote it
+    if found is None:
+        found = _detect_into(run_dir)
+    if found:
+        print(st.format_table(found), file=sys.stderr)
+    return found
+
+
+def _detect_into(run_dir: Path) -> list[dict]:
+    """Detect the run's stages with the default method and write ``stages.json``; notes (NaN
+    rows skipped, too few λ̂ points) go to stderr."""
     from devinterp import stages as st
 
     with warnings.catch_warnings(record=True) as caught:
@@ -326,14 +342,12 @@ def write_stages_of(run_dir: Path) -> list[dict]:
             found = st.detect_stages(run_dir, method="auto")
         except ValueError as e:
             print(f"devinterp run: note: no stages detected: {e}", file=sys.stderr)
-            st.RunStore(run_dir).write_json(st.STAGES_FILE, {
-                "method": st.DEFAULT_METHOD, "params": {}, "stages": [], "skipped": str(e)})
+            st.write_stages(run_dir, [], method=st.DEFAULT_METHOD, params={}, skipped=str(e))
             return []
     for w in caught:
         print(f"devinterp run: note: {w.message}", file=sys.stderr)
     st.write_stages(run_dir, found, method=st.DEFAULT_METHOD,
                     params=st.make_detector(st.DEFAULT_METHOD).params)
-    print(st.format_table(found), file=sys.stderr)
     return found
 
 

@@ -418,3 +418,31 @@ def test_threads_flag_overrides_the_configs_torch_threads(capsys, config, tmp_pa
     finally:
         torch.set_num_threads(before)
         threadpool_limits(pools)
+
+
+def test_stages_are_detected_and_written_once_per_run(capsys, config, tmp_path, monkeypatch):
+    """Inline training ends with the callback detecting the stages and writing stages.json;
+    `devinterp run` reads those back instead of fitting the detector and writing again."""
+    from devinterp.stages.base import Detector
+    from devinterp.store import STAGES_FILE, RunStore
+
+    fits, writes = [], []
+    real_fit, real_write = Detector.fit, RunStore.write_json
+
+    def counting_fit(self, *args, **kwargs):
+        fits.append(type(self).__name__)
+        return real_fit(self, *args, **kwargs)
+
+    def counting_write(self, name, obj):
+        writes.append(name)
+        return real_write(self, name, obj)
+
+    monkeypatch.setattr(Detector, "fit", counting_fit)
+    monkeypatch.setattr(RunStore, "write_json", counting_write)
+    run_dir = tmp_path / "once"
+    code, _, err = run(capsys, str(config), "--run-dir", str(run_dir), "--trainer.max_steps=30")
+    assert code == 0
+    assert fits == ["CriticalPoints"] and writes.count(STAGES_FILE) == 1
+    stages = load_run(run_dir).stages
+    assert stages and stages[-1]["end_step"] == 30
+    assert any(line.split()[:2] == ["stage", "type"] for line in err)  # the table, printed
