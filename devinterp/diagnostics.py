@@ -1,21 +1,35 @@
 """MCMC convergence diagnostics over sample arrays shaped (chain, draw).
 
-Split R-hat and the effective sample size follow Gelman et al., *Bayesian Data Analysis* (3rd
-ed., ch. 11) and Vehtari et al. 2021 (split chains, Geyer's initial monotone sequence). They are
-a few lines of numpy, so we keep them here rather than pull in a plotting-sized dependency.
+Both work on split chains (each chain's first and second half count as two chains; the middle
+draw of an odd count is dropped) and on the draws as they are, without the rank normalization
+of Vehtari et al. 2021 (arXiv 1903.08008):
+
+- :func:`split_rhat` is the split R-hat of Gelman et al., *Bayesian Data Analysis* (3rd ed.,
+  ch. 11): ``arviz.rhat(x, method="split")``, not arviz's default rank-normalized R-hat;
+- :func:`ess` is the split-chain effective sample size of the mean, with Geyer's initial
+  positive and initial monotone sequences as Stan computes it: ``arviz.ess(x,
+  method="mean")``. It is not the "bulk" ESS (that one rank-normalizes the draws first).
+
+``tests/test_diagnostics.py`` pins both to arviz's values. They are a few lines of numpy, so we
+keep them here rather than pull in a plotting-sized dependency.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from einops import rearrange
+
+__all__ = ["ess", "split_rhat"]
 
 
 def _split(x: np.ndarray) -> np.ndarray:
+    """Samples (chain, draw) as (2·chain, draw // 2): each chain's halves become two chains."""
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"expected an array shaped (chain, draw), got shape {x.shape}")
-    half = x.shape[1] // 2
-    return np.concatenate([x[:, :half], x[:, x.shape[1] - half :]], axis=0)
+    if x.shape[1] % 2:
+        x = np.delete(x, x.shape[1] // 2, axis=1)  # the middle draw, as arviz drops it
+    return rearrange(x, "chain (half draw) -> (half chain) draw", half=2)
 
 
 def split_rhat(x: np.ndarray) -> float:
@@ -42,29 +56,41 @@ def _autocov(x: np.ndarray) -> np.ndarray:
     return np.fft.irfft(f * np.conj(f), size, axis=1)[:, :n] / n
 
 
+def _geyer_tau(rho: np.ndarray) -> float:
+    """Integrated autocorrelation time from the combined autocorrelations ``rho`` (lag 0 .. n-1):
+    pairs of lags summed while positive (initial positive sequence), then made non-increasing
+    (initial monotone sequence), as in Stan and arviz."""
+    n = len(rho)
+    r = np.zeros(n)
+    even, odd = 1.0, float(rho[1])
+    r[0], r[1] = even, odd
+    t = 1
+    while t < n - 3 and even + odd > 0:
+        even, odd = float(rho[t + 1]), float(rho[t + 2])
+        if even + odd >= 0:
+            r[t + 1], r[t + 2] = even, odd
+        t += 2
+    max_t = t - 2
+    if even > 0:
+        r[max_t + 1] = even
+    for t in range(1, max_t - 1, 2):
+        if r[t + 1] + r[t + 2] > r[t - 1] + r[t]:
+            r[t + 1] = r[t + 2] = (r[t - 1] + r[t]) / 2
+    return -1.0 + 2.0 * float(r[:max_t + 1].sum()) + float(r[max_t + 1:max_t + 2].sum())
+
+
 def ess(x: np.ndarray) -> float:
-    """Bulk effective sample size of samples shaped (chain, draw), over all chains together."""
+    """Split-chain effective sample size of the mean of samples shaped (chain, draw), over all
+    chains together (``arviz.ess(x, method="mean")``; see the module docstring)."""
     s = _split(x)
     m, n = s.shape
     if n < 4:
         return float("nan")
-    acov = _autocov(s)
-    chain_var = acov[:, 0] * n / (n - 1)
-    w = chain_var.mean()
-    var_plus = w * (n - 1) / n + (s.mean(axis=1).var(ddof=1) if m > 1 else 0.0)
-    if var_plus == 0:
+    if np.ptp(s) < np.finfo(float).resolution:  # constant draws: every one counts
         return float(m * n)
+    acov = _autocov(s)
+    w = acov[:, 0].mean() * n / (n - 1)
+    var_plus = w * (n - 1) / n + (s.mean(axis=1).var(ddof=1) if m > 1 else 0.0)
     rho = 1.0 - (w - acov.mean(axis=0)) / var_plus
-    rho[0] = 1.0
-    # Geyer: sum consecutive pairs while positive, forcing them to be monotone.
-    tau = -1.0
-    prev = np.inf
-    for t in range(0, n - 1, 2):
-        pair = rho[t] + rho[t + 1]
-        if pair < 0:
-            break
-        pair = min(pair, prev)
-        prev = pair
-        tau += 2.0 * pair
-    tau = max(tau, 1.0 / np.log10(m * n))
+    tau = max(_geyer_tau(rho), 1.0 / np.log10(m * n))
     return float(m * n / tau)
