@@ -21,6 +21,13 @@ its own directory under the run directory (``KEY=V`` names it; ``seed`` means
 and a ``dashboard.html`` comparing the runs. Every combination is validated before the first
 one trains. The run directory is the last line printed on stdout.
 
+A config's ``class_path`` modules are imported from where the config lives: the repository's
+``experiments`` package is not installed with devinterp, so before LightningCLI resolves class
+paths the folder holding the config (the folder above it for a config in ``configs/``: the
+repository root) and the current directory are appended to ``sys.path``
+(:func:`add_config_roots`). A config elsewhere that names ``experiments.*`` needs the repository
+on ``PYTHONPATH``.
+
 ``--threads N`` runs torch, OpenMP and BLAS on N threads and overrides the config's
 ``torch_threads``. Option names are never abbreviated (``--trainer.max_step`` is an error
 that suggests ``--trainer.max_steps``). The checks that need no torch (the flags, the config
@@ -288,7 +295,29 @@ def build_cli(config: Path, overrides: list[str], run_dir: Path | None) -> Any:
     from devinterp._lightning_cli import build_cli as build
 
     check_config(config)
+    add_config_roots(config)
     return build(config, overrides, run_dir)
+
+
+def config_roots(config: Path) -> list[Path]:
+    """Where a config's ``class_path`` modules may live: the folder holding the config (for a
+    config in a ``configs/`` folder, the folder above it: the repository root, which holds
+    ``experiments/``) and the current directory."""
+    folder = config.resolve().parent
+    return [folder.parent if folder.name == "configs" else folder, Path.cwd()]
+
+
+def add_config_roots(config: Path) -> None:
+    """Make the config's own code importable: append :func:`config_roots` to ``sys.path``.
+
+    The repository's ``experiments`` package (``class_path: experiments.tms....``) is not
+    installed with devinterp; ``devinterp run configs/tms.yaml`` finds it next to ``configs/``.
+    The paths are appended, so an installed package of the same name wins. A config is the
+    user's own file, like a script they run, so its folder is trusted as a script's is.
+    """
+    for root in map(str, config_roots(config)):
+        if root not in sys.path:
+            sys.path.append(root)
 
 
 def new_run_dir(config: Path, run_dir: Path | None) -> Path:

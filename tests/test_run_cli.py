@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -89,7 +91,9 @@ def test_run_writes_the_whole_chain_and_prints_the_run_dir_last(capsys, config, 
 @pytest.mark.slow
 def test_run_prints_the_run_dir_last_from_a_real_process(config, tmp_path):
     run_dir = tmp_path / "proc"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    # The config is outside the repository, so its `experiments` (not installed) comes from
+    # PYTHONPATH, as it would for a user's own config elsewhere.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "devinterp", "run", str(config), "--run-dir",
                            str(run_dir), "--trainer.max_steps=20"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -446,3 +450,44 @@ def test_stages_are_detected_and_written_once_per_run(capsys, config, tmp_path, 
     stages = load_run(run_dir).stages
     assert stages and stages[-1]["end_step"] == 30
     assert any(line.split()[:2] == ["stage", "type"] for line in err)  # the table, printed
+
+
+def test_the_config_repository_root_makes_its_experiments_importable(capsys, config, tmp_path,
+                                                                     monkeypatch):
+    """`experiments` is not installed: a config in a repository's configs/ folder imports the
+    code next to that folder, from any current directory; elsewhere it cannot."""
+    lab = tmp_path / "lab"
+    (lab / "configs").mkdir(parents=True)
+    (lab / "labexp").mkdir()
+    (lab / "labexp" / "__init__.py").write_text("")
+    (lab / "labexp" / "tms.py").write_text((REPO / "experiments" / "tms.py").read_text())
+    text = TINY.replace("experiments.tms.", "labexp.tms.")
+    (lab / "configs" / "tiny.yaml").write_text(text)
+    (tmp_path / "elsewhere.yaml").write_text(text)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path / "lab" / "configs")  # not the repository root
+    code, _, err = run(capsys, str(tmp_path / "elsewhere.yaml"), "--run-dir",
+                       str(tmp_path / "no"), "--trainer.max_steps=6")
+    assert code == 2 and "cannot import class_path 'labexp.tms" in err[-1]
+    code, out, _ = run(capsys, str(lab / "configs" / "tiny.yaml"), "--run-dir",
+                       str(tmp_path / "yes"), "--trainer.max_steps=6",
+                       "--trainer.callbacks.init_args.log_spaced=5")
+    assert code == 0 and out[-1] == str(tmp_path / "yes")
+    assert sys.modules["labexp.tms"].__file__ == str(lab / "labexp" / "tms.py")
+
+
+def test_the_wheel_holds_devinterp_only(tmp_path):
+    """No top-level `experiments` package goes into site-packages."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    skip = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("devinterp", "experiments"):
+        shutil.copytree(REPO / name, src / name, ignore=skip)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", str(src), "-w", str(tmp_path / "w")],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "w").glob("*.whl")
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert "devinterp" in tops and "experiments" not in tops, tops
