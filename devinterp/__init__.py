@@ -23,7 +23,7 @@ _EXPORTS = {
     "merge_results": "devinterp.llc",
     "AllChainsDivergedError": "devinterp.llc",
     "NonFiniteLossError": "devinterp.llc",
-    "LLCCallback": "devinterp.callback",
+    "LLCCallback": "devinterp.tracking.callback",
     "load_run": "devinterp.store",
     "Run": "devinterp.store",
     "RunStore": "devinterp.store",

@@ -14,8 +14,8 @@ import torch
 from llc_models import FAST, Tiny, regression_data, trainer
 
 from devinterp import LLCCallback, load_run
-from devinterp.fabric import EstimateFailure, record_result, run_estimator
 from devinterp.store import RunStore
+from devinterp.tracking import EstimateFailure, record_result, run_estimator
 
 
 class FailsFromStep4(Tiny):

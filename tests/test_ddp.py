@@ -12,9 +12,9 @@ import torch
 from llc_models import FAST, Tiny
 
 from devinterp import LLCCallback, load_run
-from devinterp.fabric import chain_range
 from devinterp.posthoc import estimate_run
 from devinterp.store import LLC_FILE, TRACE_DIR
+from devinterp.tracking import chain_range
 
 
 def test_chain_range_splits_chains_without_overlap():

@@ -20,8 +20,8 @@ from plain_modules import DictClassifier, Regressor
 from torch import nn
 
 from devinterp import LLCCallback, load_run
-from devinterp.fabric import LossSpec, TrainingStepLoss, module_loss, track_llc
 from devinterp.posthoc import main
+from devinterp.tracking import LossSpec, TrainingStepLoss, module_loss, track_llc
 
 FAST_FLAGS = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "5", "--step-size",
               "1e-4", "--batch-size", "32", "--quiet"]

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import devinterp.callback
+import devinterp.tracking.callback
 from devinterp import LLCCallback, estimate_llc, load_run
 
 ESTIMATOR = {"num_chains": 4, "num_draws": 100, "num_burnin": 100, "batch_size": 256,
@@ -126,12 +126,12 @@ class HookTimer:
     @contextlib.contextmanager
     def estimating(self) -> Iterator[None]:
         """Count time inside the callback's calls of the estimator separately."""
-        original = devinterp.callback.run_estimator
-        devinterp.callback.run_estimator = self._timed(original, "estimation")
+        original = devinterp.tracking.callback.run_estimator
+        devinterp.tracking.callback.run_estimator = self._timed(original, "estimation")
         try:
             yield
         finally:
-            devinterp.callback.run_estimator = original
+            devinterp.tracking.callback.run_estimator = original
 
     @property
     def own(self) -> float:

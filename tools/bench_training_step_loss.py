@@ -1,5 +1,5 @@
 """What the default loss of an unchanged LightningModule costs: ``estimate_llc`` time with the
-module's own ``training_step`` (fabric.TrainingStepLoss, a batch loss) against the same objective
+module's own ``training_step`` (tracking.TrainingStepLoss, a batch loss) against the same objective
 given as ``loss_fn`` (whose paired baseline comes from a per-sample cache instead of one extra
 forward per draw). Same model, data, seed and settings; the λ̂ values are printed to show the two
 estimate the same thing. Every figure is measured in this one run.
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from devinterp.fabric import module_loss, run_estimator
+from devinterp.tracking import module_loss, run_estimator
 
 
 class Regressor(pl.LightningModule):
