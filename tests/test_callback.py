@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import random
 from types import SimpleNamespace
@@ -20,7 +21,8 @@ from plain_modules import Regressor
 from torch import nn
 
 from devinterp import LLCCallback, load_run
-from devinterp.fabric import Schedule, log_spaced_steps, preserved_training_state, track_llc
+from devinterp.config import SamplerConfig
+from devinterp.tracking import Schedule, log_spaced_steps, preserved_training_state, track_llc
 
 
 def fit(tmp_path, module=Tiny, *, seed=0, callbacks=(), ckpt_path=None, **trainer_kwargs
@@ -148,13 +150,27 @@ def test_fast_dev_run_is_skipped(tmp_path):
     ({"log_spaced": 0}, "log_spaced must be an integer >= 1"),
     ({"every_n_train_steps": 5, "mode": "later"}, "mode must be 'inline' or 'deferred'"),
     ({"every_n_train_steps": 5, "num_chains": 0}, "num_chains must be an integer >= 1"),
-    ({"every_n_train_steps": 5, "step_size": -1.0}, "step_size must be a positive float"),
+    ({"every_n_train_steps": 5, "step_size": -1.0},
+     "step_size must be a positive finite float or 'auto'"),
     ({"every_n_train_steps": 5, "sampler": "hmc"}, "sampler must be one of"),
     ({"every_n_train_steps": 5, "weights": []}, "names no parameter"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLCCallback("unused", **kwargs)
+
+
+def test_every_sampler_option_is_an_argument_of_the_callback():
+    """SamplerConfig is the one home of the sampler options; LLCCallback repeats their names
+    (typed, for LightningCLI), so a field it does not take is caught here, with its default
+    None (= SamplerConfig's default) and recorded in settings.json."""
+    params = inspect.signature(LLCCallback).parameters
+    for f in dataclasses.fields(SamplerConfig):
+        assert f.name in params, f"LLCCallback does not take SamplerConfig.{f.name}"
+        assert params[f.name].default is None, f.name
+        assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY, f.name
+    cb = LLCCallback("unused", every_n_train_steps=5)
+    assert set(cb.options) == {f.name for f in dataclasses.fields(SamplerConfig)}
 
 
 def test_weights_as_a_string_is_a_type_error():
@@ -431,7 +447,7 @@ def test_module_loss_convention_is_one_function():
     """llc_batch_loss wins over loss_fn, unless the run recorded that it sampled with loss_fn;
     neither (and no training_step): an error naming what to add. The full order, training_step
     included, is in tests/test_training_step_loss.py."""
-    from devinterp.fabric import LossSpec, module_loss
+    from devinterp.tracking import LossSpec, module_loss
 
     class Both(nn.Module):
         loss_fn = staticmethod(nn.functional.mse_loss)
