@@ -241,7 +241,7 @@ def test_threads_reach_the_fit(tmp_path, planted, capsys, monkeypatch) -> None:
 
 def test_the_library_does_not_import_the_command_line() -> None:
     code = ("import sys, devinterp.stages; "
-            "print(sorted(m for m in sys.modules if m in ('devinterp.cli', 'devinterp.stages_cli')))")
+            "print(sorted(m for m in sys.modules if m in ('devinterp.cli', 'devinterp.cli.stages')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"

@@ -17,7 +17,7 @@ import yaml
 from devinterp import load_run
 from devinterp.cli import UsageError
 from devinterp.cli import main as cli_main
-from devinterp.experiment import condense_error, parse_args, sweep_points
+from devinterp.cli.run import condense_error, parse_args, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -359,7 +359,7 @@ import json, sys
 from devinterp.cli import main
 code = main(["run", *sys.argv[1:]])
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "lightning"))
-print(json.dumps({"code": code, "heavy": heavy, "run": "devinterp.experiment" in sys.modules}))
+print(json.dumps({"code": code, "heavy": heavy, "run": "devinterp.cli.run" in sys.modules}))
 """
 
 
@@ -367,7 +367,7 @@ print(json.dumps({"code": code, "heavy": heavy, "run": "devinterp.experiment" in
                                   "bad_sweep"])
 def test_cheap_errors_are_reported_before_torch_or_lightning_is_imported(tmp_path, case):
     """A fresh process runs the command and then lists the modules it has imported: the command
-    must have failed with its one line, having gone through devinterp.experiment, with neither
+    must have failed with its one line, having gone through devinterp.cli.run, with neither
     torch nor lightning in sys.modules (they take most of a minute to import on a busy CPU)."""
     good = tmp_path / "good.yaml"
     good.write_text(TINY)

@@ -369,3 +369,26 @@ def test_weighted_linear_cost_matches_least_squares() -> None:
     cost = WeightedLinearCost().fit(np.column_stack([y, x, np.ones_like(x)]))
     bkps = rpt.Pelt(custom_cost=cost, min_size=3, jump=1).fit(cost.signal).predict(pen=1.0)
     assert bkps == [int(np.argmax(x >= 1)), int(np.argmax(x >= 2)), 60]
+
+
+def test_every_detector_reads_the_same_stage_rules() -> None:
+    """The thresholds are one frozen StageRules, whatever the detector; they are recorded in
+    stages.json (``params``) next to each detector's own settings."""
+    from dataclasses import FrozenInstanceError, asdict
+
+    from devinterp.stages import StageRules
+
+    rules = StageRules(min_stage_length=0.1, significance=2)
+    for det in (CriticalPoints(min_stage_length=0.1, significance=2),
+                ChangePoints(algorithm="binseg", min_stage_length=0.1, significance=2)):
+        assert det.rules == rules
+        assert det.params.items() >= asdict(rules).items()
+    assert isinstance(rules.significance, float)
+    assert CriticalPoints().params["lengthscale"] is None
+    assert ChangePoints().params["algorithm"] == "pelt"
+    with pytest.raises(FrozenInstanceError):
+        rules.significance = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="min_stage_checkpoints must be an integer >= 2"):
+        StageRules(min_stage_checkpoints=1.5)
+    with pytest.raises(TypeError):
+        StageRules(0.05)  # keyword-only

@@ -19,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devinterp.cli import run_command  # noqa: E402
-from devinterp.stages_cli import main  # noqa: E402
+from devinterp.cli.stages import main  # noqa: E402
+
+__all__ = ["run"]
 
 PROG = "detect_stages.py"
 

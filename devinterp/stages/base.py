@@ -17,7 +17,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from devinterp.stages.milestones import milestone_range, milestones
-from devinterp.stages.points import estimate_noise, fit_points
+from devinterp.stages.points import MAX_POINTS, estimate_noise, fit_points
 from devinterp.stages.profile import Profile, flat_profile
 from devinterp.stages.rules import StageRules
 
@@ -28,7 +28,9 @@ class Detector(abc.ABC):
     """Shared ``fit`` / ``predict`` / ``fit_predict`` of the stage detectors.
 
     Args:
-        rules: what a stage and a milestone must satisfy.
+        min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
+            min_change_se: what a stage and a milestone must satisfy, the fields of
+            :class:`~devinterp.stages.rules.StageRules` (``rules`` after construction).
         grid_size: points of the uniform grid in log-step (checkpoints are added).
         max_points: longer curves are first binned to this many points, equally wide in
             log-step (the first and last checkpoint kept as they are); None fits every
@@ -36,8 +38,17 @@ class Detector(abc.ABC):
         threads: BLAS threads for the fit (1 is fastest at these sizes on a busy machine).
     """
 
-    def __init__(self, *, rules: StageRules, grid_size: int, max_points: int | None,
-                 threads: int) -> None:
+    def __init__(self, *, min_stage_length: float = StageRules.min_stage_length,
+                 min_change: float = StageRules.min_change,
+                 plateau_ratio: float = StageRules.plateau_ratio,
+                 significance: float = StageRules.significance,
+                 min_stage_checkpoints: int = StageRules.min_stage_checkpoints,
+                 min_change_se: float = StageRules.min_change_se, grid_size: int = 600,
+                 max_points: int | None = MAX_POINTS, threads: int = 1) -> None:
+        rules = StageRules(min_stage_length=min_stage_length, min_change=min_change,
+                           plateau_ratio=plateau_ratio, significance=significance,
+                           min_stage_checkpoints=min_stage_checkpoints,
+                           min_change_se=min_change_se)
         if grid_size < 10:
             raise ValueError(f"grid_size must be at least 10, got {grid_size}")
         if max_points is not None and (not isinstance(max_points, int) or max_points < 10):

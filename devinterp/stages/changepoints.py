@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from itertools import pairwise
+from typing import Any
 
 import numpy as np
 import ruptures as rpt
@@ -16,9 +17,8 @@ from ruptures.base import BaseCost
 
 from devinterp.stages.base import Detector
 from devinterp.stages.costs import JointCost, WeightedLinearCost
-from devinterp.stages.points import MAX_POINTS, estimate_noise
+from devinterp.stages.points import estimate_noise
 from devinterp.stages.profile import Profile, grid
-from devinterp.stages.rules import StageRules
 
 __all__ = ["ChangePoints"]
 
@@ -43,23 +43,14 @@ class ChangePoints(Detector):
         pen: penalty per extra segment in units of the noise variance (default ``3 · log n``).
         min_size: fewest checkpoints per segment (at least 3: a line and one degree of freedom).
         joint: segment λ̂ and the loss together (the loss must be known at every checkpoint).
-        min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
-            min_change_se, grid_size, max_points, threads: as in
-            :class:`~devinterp.stages.critical.CriticalPoints`.
+        options: the keyword arguments of :class:`~devinterp.stages.base.Detector` (the
+            :class:`~devinterp.stages.rules.StageRules` fields, ``grid_size``, ``max_points``,
+            ``threads``).
     """
 
     def __init__(self, *, algorithm: str = "pelt", pen: float | None = None, min_size: int = 3,
-                 joint: bool = False, min_stage_length: float = 0.05, min_change: float = 0.005,
-                 plateau_ratio: float = 0.5, significance: float = 3.0,
-                 min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
-                 grid_size: int = 600, max_points: int | None = MAX_POINTS,
-                 threads: int = 1) -> None:
-        rules = StageRules(min_stage_length=min_stage_length, min_change=min_change,
-                           plateau_ratio=plateau_ratio, significance=significance,
-                           min_stage_checkpoints=min_stage_checkpoints,
-                           min_change_se=min_change_se)
-        super().__init__(rules=rules, grid_size=grid_size, max_points=max_points,
-                         threads=threads)
+                 joint: bool = False, **options: Any) -> None:
+        super().__init__(**options)
         if algorithm not in ("pelt", "binseg"):
             raise ValueError(f"algorithm must be 'pelt' or 'binseg', got {algorithm!r}")
         if pen is not None and not pen > 0:

@@ -7,13 +7,13 @@ hand-picking replaced by the tests of :class:`~devinterp.stages.rules.StageRules
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from devinterp.stages.base import Detector
 from devinterp.stages.gp import gp_profile
-from devinterp.stages.points import MAX_POINTS
 from devinterp.stages.profile import Profile
-from devinterp.stages.rules import StageRules
 
 __all__ = ["CriticalPoints"]
 
@@ -28,28 +28,17 @@ class CriticalPoints(Detector):
     and ``s`` maximise the marginal likelihood; ``gp_`` holds them after ``fit``.
 
     Args:
-        min_stage_length, min_change, plateau_ratio, significance, min_stage_checkpoints,
-            min_change_se: the rules a stage and a milestone must pass
-            (:class:`~devinterp.stages.rules.StageRules`).
         lengthscale: fix the GP lengthscale (decades) instead of fitting it.
-        grid_size: points of the uniform grid in log-step (checkpoints are added).
-        max_points: longer curves are first binned to this many points, equally wide in
-            log-step (the first and last checkpoint kept as they are), which bounds memory and
-            time (the GP's are quadratic and cubic in the points); None fits every checkpoint.
-        threads: BLAS threads for the fit (1 is fastest at these sizes on a busy machine).
+        options: the keyword arguments of :class:`~devinterp.stages.base.Detector`: the rules a
+            stage and a milestone must pass (``min_stage_length``, ``min_change``,
+            ``plateau_ratio``, ``significance``, ``min_stage_checkpoints``, ``min_change_se``:
+            :class:`~devinterp.stages.rules.StageRules`), ``grid_size``, ``max_points`` (the
+            binning bounds memory and time: the GP's are quadratic and cubic in the points) and
+            ``threads``.
     """
 
-    def __init__(self, *, min_stage_length: float = 0.05, min_change: float = 0.005,
-                 plateau_ratio: float = 0.5, significance: float = 3.0,
-                 min_stage_checkpoints: int = 3, min_change_se: float = 1.0,
-                 lengthscale: float | None = None, grid_size: int = 600,
-                 max_points: int | None = MAX_POINTS, threads: int = 1) -> None:
-        rules = StageRules(min_stage_length=min_stage_length, min_change=min_change,
-                           plateau_ratio=plateau_ratio, significance=significance,
-                           min_stage_checkpoints=min_stage_checkpoints,
-                           min_change_se=min_change_se)
-        super().__init__(rules=rules, grid_size=grid_size, max_points=max_points,
-                         threads=threads)
+    def __init__(self, *, lengthscale: float | None = None, **options: Any) -> None:
+        super().__init__(**options)
         if lengthscale is not None and not lengthscale > 0:
             raise ValueError(f"lengthscale must be > 0 decades, got {lengthscale}")
         self.lengthscale = lengthscale

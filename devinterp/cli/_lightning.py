@@ -1,6 +1,6 @@
 """The LightningCLI side of ``devinterp run``: torch and Lightning are imported here only.
 
-:mod:`devinterp.experiment` checks the command line, the config file and the run directory
+:mod:`devinterp.cli.run` checks the command line, the config file and the run directory
 first and imports this module only when the experiment is to be parsed or built, so a typo in a
 path is reported in a fraction of a second instead of after the heavy imports.
 """
@@ -18,8 +18,10 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 from devinterp.cli import UsageError
-from devinterp.experiment import CONFIG_FILE, LOG_DIR, PROG, condense_error
+from devinterp.cli.run import CONFIG_FILE, LOG_DIR, PROG, condense_error
 from devinterp.store import RunStore
+
+__all__ = ["ExperimentCLI", "build_cli"]
 
 
 def _is_llc_callback(class_path: str) -> bool:

@@ -32,7 +32,7 @@ on ``PYTHONPATH``.
 ``torch_threads``. Option names are never abbreviated (``--trainer.max_step`` is an error
 that suggests ``--trainer.max_steps``). The checks that need no torch (the flags, the config
 file exists and is YAML, the run directory is new or empty) run before torch and Lightning are
-imported (:mod:`devinterp._lightning_cli`), so those mistakes are reported at once.
+imported (:mod:`devinterp.cli._lightning`), so those mistakes are reported at once.
 """
 
 from __future__ import annotations
@@ -57,6 +57,29 @@ from devinterp.cli import UsageError, apply_threads, thread_count
 
 if TYPE_CHECKING:
     import pandas as pd
+
+__all__ = [
+    "CONFIG_FILE",
+    "DASHBOARD_FILE",
+    "LOG_DIR",
+    "PROG",
+    "SUMMARY_FILE",
+    "USAGE",
+    "RunArgs",
+    "add_config_roots",
+    "build_cli",
+    "check_config",
+    "condense_error",
+    "config_roots",
+    "main",
+    "new_run_dir",
+    "parse_args",
+    "run_experiment",
+    "run_sweep",
+    "summarize",
+    "sweep_points",
+    "write_stages_of",
+]
 
 CONFIG_FILE = "config.yaml"
 DASHBOARD_FILE = "dashboard.html"
@@ -292,7 +315,7 @@ def check_config(config: Path) -> None:
 def build_cli(config: Path, overrides: list[str], run_dir: Path | None) -> Any:
     """The experiment's LightningCLI, parsed (and with a ``run_dir``, built): torch and
     Lightning are imported here, after the cheap checks."""
-    from devinterp._lightning_cli import build_cli as build
+    from devinterp.cli._lightning import build_cli as build
 
     check_config(config)
     add_config_roots(config)

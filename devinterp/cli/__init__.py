@@ -1,6 +1,10 @@
 """``devinterp`` command line: ``run | estimate | stages | dashboard``.
 
-Each subcommand lives in its own module and exposes ``main(argv) -> int``; this file only
+Each subcommand lives in its own module and exposes ``main(argv) -> int``: ``run`` in
+:mod:`devinterp.cli.run` (with LightningCLI in :mod:`devinterp.cli._lightning`), ``stages`` in
+:mod:`devinterp.cli.stages`, ``estimate`` in :mod:`devinterp.posthoc` and ``dashboard`` in
+:mod:`devinterp.dashboard.cli`. Command lines are parsed only in these command modules; library
+code raises plain errors (ValueError, FileNotFoundError, ...). This file only
 dispatches and turns user errors into one line and exit code 2 (``--debug`` shows the traceback).
 Subcommands build their parsers with :class:`ArgumentParser`, whose errors are one line too.
 """
@@ -13,10 +17,24 @@ import os
 import sys
 from collections.abc import Callable
 
+__all__ = [
+    "ArgumentParser",
+    "COMMANDS",
+    "THREAD_ENV",
+    "USAGE",
+    "USER_ERRORS",
+    "UsageError",
+    "add_threads_argument",
+    "apply_threads",
+    "main",
+    "run_command",
+    "thread_count",
+]
+
 COMMANDS = {
-    "run": ("devinterp.experiment", "train a config-driven experiment with the LLC callback"),
+    "run": ("devinterp.cli.run", "train a config-driven experiment with the LLC callback"),
     "estimate": ("devinterp.posthoc", "estimate λ̂ for the snapshots of a run directory"),
-    "stages": ("devinterp.stages_cli", "detect developmental stages in a run's λ̂ curve"),
+    "stages": ("devinterp.cli.stages", "detect developmental stages in a run's λ̂ curve"),
     "dashboard": ("devinterp.dashboard", "write or serve the dashboard of one or many runs"),
 }
 

@@ -9,10 +9,10 @@ are kept unless ``--force`` is given; the table is printed either way.
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from devinterp.cli import ArgumentParser, add_threads_argument, apply_threads
 from devinterp.stages import (
     DEFAULT_METHOD,
     METHODS,
-    CriticalPoints,
+    StageRules,
     conflicting_stages,
     detect_with,
     format_table,
@@ -28,6 +28,8 @@ from devinterp.stages import (
     write_stages,
 )
 from devinterp.store import STAGES_FILE
+
+__all__ = ["main"]
 
 #: Detector options on the command line: (name, type, metavar, help).
 _DETECTOR_FLAGS = (
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None, *, prog: str = "devinterp stages") -> in
     User errors (missing file or columns, too few checkpoints) raise ValueError /
     FileNotFoundError with a one-line message; the caller turns them into exit code 2.
     """
-    defaults = {k: v.default for k, v in inspect.signature(CriticalPoints).parameters.items()}
+    defaults = asdict(StageRules())
     parser = ArgumentParser(
         prog=prog, allow_abbrev=False, description="Detect developmental stages (milestones = "
         "critical points of λ̂ over log-step) in a run directory or a CSV with columns step, "
