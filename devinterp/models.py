@@ -2,7 +2,8 @@
 
 They are the ground truth of the tests, the benchmark (``tools/bench_llc.py``) and the README
 example. Teacher outputs are noiseless, so w* is an exact minimum of the empirical loss
-(label noise would move it and bias any sampler low; SCIENCE.md pitfall 9).
+(label noise would move it and bias any sampler low: the estimator of Lau et al. 2023,
+arXiv 2308.12108, assumes w* is a local minimum).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 
 from devinterp import theory
 
+__all__ = ["SeparableSum", "deep_linear_network", "gaussian_nll", "mean_output", "teacher_data"]
+
 
 def gaussian_nll(outputs: Tensor, targets: Tensor) -> Tensor:
     """½‖y − f(x)‖² summed over outputs, averaged over the batch: a unit-noise Gaussian NLL."""
@@ -25,7 +28,8 @@ def deep_linear_network(widths: Sequence[int], rank: int, *, seed: int = 0) -> n
     """f(x) = W_M ⋯ W_1 x at the most singular true parameter of a rank-``rank`` teacher.
 
     The teacher's first ``rank`` hidden units carry random orthogonal blocks; every spare unit
-    has zero weights in and out (where Aoyagi's λ holds; SCIENCE.md pitfall 8).
+    has zero weights in and out (the most singular true parameter, where Aoyagi's 2024 λ for deep
+    linear networks holds).
     """
     if not 0 <= rank <= min(widths):
         raise ValueError(f"rank must be in [0, {min(widths)}], got {rank}")
@@ -50,7 +54,8 @@ def teacher_data(model: nn.Module, in_dim: int, n: int, *, seed: int = 0) -> tup
 
 
 class SeparableSum(nn.Module):
-    """K(w) = Σ_i w_i^(2 k_i) at w* = 0: λ = Σ 1/(2 k_i) exactly, at every nβ (SCIENCE.md 5).
+    """K(w) = Σ_i w_i^(2 k_i) at w* = 0: λ = Σ 1/(2 k_i) exactly (a normal crossing, Watanabe
+    2009), and at every nβ.
 
     ``forward(x)`` returns K(w) for every row of x, so with ``loss_fn = mean`` the empirical loss
     is K itself; x only sets n (and hence nβ = n/log n).

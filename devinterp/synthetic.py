@@ -8,7 +8,7 @@ over the stage, "B": it falls).
 
 The curve is a plateau joined to the next by logistic rises and falls in ``x = log10(step + 1)``
 (Hoogland et al. 2024 saw λ̂ develop this way). A milestone is a critical point of the noiseless
-curve over log-step (SCIENCE.md, "Stages"): the point of least ``|dλ/dx|`` between two consecutive
+curve over log-step (Hoogland et al. 2024, arXiv 2402.02364): the point of least ``|dλ/dx|`` between two consecutive
 transitions, which is an exact extremum when a rise meets a fall. Checkpoints are the union of
 log-spaced and linear-spaced steps, as in the papers, and the noise on ``llc_mean`` is
 heteroscedastic: its standard deviation is ``llc_std / sqrt(num_chains)``, with ``llc_std``
@@ -23,6 +23,17 @@ from itertools import pairwise
 
 import numpy as np
 import pandas as pd
+
+__all__ = [
+    "Transition",
+    "checkpoint_steps",
+    "in_context_regression_transitions",
+    "language_model_transitions",
+    "llc_curve",
+    "planted_llc_curve",
+    "planted_milestones",
+    "random_transitions",
+]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,18 @@ from fractions import Fraction
 
 import numpy as np
 
+__all__ = [
+    "deep_linear_network_llc",
+    "deep_linear_network_multiplicity",
+    "normal_crossing_llc",
+    "normal_crossing_multiplicity",
+    "reduced_rank_regression_llc",
+    "reduced_rank_regression_multiplicity",
+    "regular_llc",
+    "separable_sum_llc",
+    "tempered_posterior_llc",
+]
+
 
 def regular_llc(num_params: int) -> float:
     """λ = d/2 for a regular (non-degenerate) minimum in ``num_params`` dimensions."""

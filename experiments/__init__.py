@@ -16,3 +16,12 @@ config in ``configs/``.
 - :mod:`experiments.induction_lm`: an attention-only language model: bigrams, then induction.
 - :mod:`experiments.transformer`: the small causal transformer the last two share.
 """
+
+__all__ = [
+    "deep_linear",
+    "icl_regression",
+    "induction_lm",
+    "modular_addition",
+    "tms",
+    "transformer",
+]

@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+__all__ = ["DeepLinearNetwork", "half_squared_error", "make_teacher"]
+
 
 def half_squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     """½‖targets − outputs‖² summed over outputs, averaged over the batch."""

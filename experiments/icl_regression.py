@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from experiments.transformer import Transformer
 
+__all__ = ["InContextRegression", "sample_tasks", "squared_error"]
+
 
 def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     """(prediction − y)², averaged over positions and the batch."""

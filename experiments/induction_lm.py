@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from experiments.transformer import Transformer
 
+__all__ = ["InductionLM", "next_token_loss", "sample_sequences", "transition_matrix"]
+
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """Cross entropy averaged over every position of every sequence."""

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+__all__ = ["ModularAdditionMLP", "modular_addition_split"]
+
 
 def modular_addition_split(modulus: int, train_fraction: float,
                            seed: int) -> tuple[TensorDataset, TensorDataset]:

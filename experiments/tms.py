@@ -31,6 +31,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+__all__ = [
+    "ToyModelOfSuperposition",
+    "kgon_critical_point",
+    "polygon",
+    "population_loss",
+    "sample_inputs",
+    "squared_error",
+]
+
 
 def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     """‖targets − outputs‖² summed over features, averaged over the batch."""

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+__all__ = ["Block", "CausalSelfAttention", "Transformer"]
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where position t attends to positions ≤ t."""

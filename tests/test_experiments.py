@@ -47,7 +47,7 @@ def fit(module: pl.LightningModule, max_steps: int, callbacks=(), **kwargs) -> p
 
 
 # -- toy model of superposition -----------------------------------------------------------------
-# Published values (Chen et al. 2023; SCIENCE.md): k -> (l*, b*, population loss at c = 6).
+# Published values (Chen et al. 2023, arXiv 2310.06301): k -> (l*, b*, population loss at c = 6).
 KGONS = {5: (1.17046, -0.28230, 0.06874), 6: (1.32053, -0.61814, 0.04819)}
 
 

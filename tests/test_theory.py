@@ -30,7 +30,8 @@ def test_no_hidden_layer_is_regular():
 
 
 def test_wide_hidden_layers_ignore_rank():
-    """The trap in SCIENCE.md: hidden layers wide compared with in + out make λ rank-free."""
+    """Aoyagi 2024: hidden layers wide compared with in + out make λ rank-free (a trap for
+    tests that vary the rank)."""
     values = {theory.deep_linear_network_llc([2, 10, 10, 2], r) for r in range(3)}
     assert values == {2.0}
 

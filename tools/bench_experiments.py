@@ -25,6 +25,8 @@ import yaml
 
 from devinterp import load_run
 
+__all__ = ["bench", "main", "markdown"]
+
 REPO = Path(__file__).resolve().parents[1]
 
 

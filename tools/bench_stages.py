@@ -44,6 +44,8 @@ from devinterp.synthetic import (  # noqa: E402
     random_transitions,
 )
 
+__all__ = ["families", "main", "pelt_default", "score"]
+
 MARGIN = 0.1  # decades of log10(step + 1)
 #: ruptures Pelt on λ̂ and the loss jointly (the planted loss mirrors λ̂, with its own noise).
 JOINT = "pelt, llc + loss"

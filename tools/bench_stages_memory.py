@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devinterp.stages import MAX_POINTS, detect_with, log_step, make_detector  # noqa: E402
 from devinterp.synthetic import language_model_transitions, planted_llc_curve  # noqa: E402
 
+__all__ = ["curve_steps", "main", "one"]
+
 LAST_STEP = 99_999
 MARGIN = 0.1  # decades of log10(step + 1), as in tools/bench_stages.py
 
