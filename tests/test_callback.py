@@ -154,6 +154,7 @@ def test_fast_dev_run_is_skipped(tmp_path):
      "step_size must be a positive finite float or 'auto'"),
     ({"every_n_train_steps": 5, "sampler": "hmc"}, "sampler must be one of"),
     ({"every_n_train_steps": 5, "weights": []}, "names no parameter"),
+    ({"every_n_train_steps": 5, "num_threads": 0}, "num_threads must be an integer >= 1"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -415,6 +416,17 @@ def test_track_llc_in_a_plain_loop_leaves_training_untouched(tmp_path):
     run = load_run(tmp_path)
     assert run.llc["step"].tolist() == [0, 3, 6] and sorted(run.snapshots) == [0, 3, 6]
     assert (run.llc["status"] == "ok").all() and run.settings["num_chains"] == 2
+
+
+def test_track_llc_refuses_a_bad_option_before_writing_anything(tmp_path):
+    model = nn.Linear(4, 1)
+    with pytest.raises(ValueError, match="num_draws must be an integer >= 2, got 1"):
+        track_llc(model, 0, tmp_path / "run", data=regression_data(16), loss_fn=nn.MSELoss(),
+                  num_draws=1)
+    with pytest.raises(ValueError, match=r"unknown sampler options \['num_chain'\]"):
+        track_llc(model, 0, tmp_path / "run", data=regression_data(16), loss_fn=nn.MSELoss(),
+                  num_chain=2)
+    assert not (tmp_path / "run").exists()
 
 
 def test_schedule_membership():
