@@ -442,3 +442,44 @@ def test_a_thread_count_the_user_chose_for_the_process_is_kept(monkeypatch):
     r = estimate_llc(nn.Linear(4, 1), (torch.randn(64, 4), torch.randn(64, 1)), half_se,
                      num_chains=2, num_draws=4, step_size=1e-4)
     assert r.settings["num_threads"] == before
+
+
+# -- memory: chunks ----------------------------------------------------------------------------
+def chunk_sizes(monkeypatch) -> list[int]:
+    import devinterp.llc.driver as driver
+
+    sizes, real = [], driver.run_chains
+
+    def spy(prob, chains, **kw):
+        sizes.append(len(chains))
+        return real(prob, chains, **kw)
+
+    monkeypatch.setattr(driver, "run_chains", spy)
+    return sizes
+
+
+def test_sequential_chains_hold_one_chain_at_a_time_with_the_same_numbers(monkeypatch):
+    model = nn.Linear(4, 2)
+    data = (torch.randn(128, 4), torch.randn(128, 2))
+    kw = dict(num_chains=3, num_draws=10, step_size=1e-3, seed=0)
+    together = estimate_llc(model, data, half_se, **kw)
+    sizes = chunk_sizes(monkeypatch)
+    alone = estimate_llc(model, data, half_se, vectorize=False, **kw)
+    assert sizes == [1, 1, 1]
+    np.testing.assert_allclose(alone.llc_trace, together.llc_trace, rtol=1e-6, atol=1e-9)
+
+
+def test_unset_chain_chunk_size_follows_free_memory(monkeypatch):
+    import devinterp.llc.estimate as estimate
+
+    model = nn.Linear(100, 100)  # 10,100 parameters: 16 copies x 4 bytes ~ 0.65 MB a chain
+    data = (torch.randn(64, 100), torch.randn(64, 100))
+    monkeypatch.setattr(estimate, "_free_memory", lambda device: 3 * 2**20)  # 3 MB free
+    sizes = chunk_sizes(monkeypatch)
+    r = estimate_llc(model, data, half_se, num_chains=8, num_draws=4, step_size=1e-4)
+    assert sizes == [2, 2, 2, 2]  # half of 3 MB holds two chains
+    monkeypatch.setattr(estimate, "_free_memory", lambda device: None)
+    sizes.clear()
+    same = estimate_llc(model, data, half_se, num_chains=8, num_draws=4, step_size=1e-4)
+    assert sizes == [8]
+    np.testing.assert_allclose(r.llc_trace, same.llc_trace, rtol=1e-6, atol=1e-9)

@@ -21,7 +21,13 @@ from torch.func import grad_and_value, vmap
 from devinterp.llc.errors import NonFiniteLossError
 from devinterp.llc.problem import Problem
 from devinterp.samplers import Kernel
-from devinterp.samplers.langevin import Position, drift, mala_log_accept, sq_distance
+from devinterp.samplers.langevin import (
+    Position,
+    drift,
+    mala_log_accept,
+    preconditioner,
+    sq_distance,
+)
 
 __all__ = ["ChainRun", "Recorder", "run_chains"]
 
@@ -62,11 +68,13 @@ def chain_generators(seed: int, chains: Sequence[int], device: torch.device) -> 
 
 
 def noise(gens: list, anchor: Position) -> Position:
-    """Standard normal noise shaped (chain, *param) with each chain's own generator."""
+    """Standard normal noise shaped (chain, *param) with each chain's own generator, drawn
+    straight into one buffer (no per-chain copies to stack)."""
     total = sum(v.numel() for v in anchor.values())
     ref = next(iter(anchor.values()))
-    flat = torch.stack([torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype)
-                        for g in gens])
+    flat = torch.empty(len(gens), total, device=ref.device, dtype=ref.dtype)
+    for row, g in zip(flat, gens, strict=True):
+        torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype, out=row)
     out, i = {}, 0
     for k, v in anchor.items():
         out[k] = flat[:, i : i + v.numel()].view(len(gens), *v.shape)
@@ -130,7 +138,7 @@ class MalaRecorder:
                 0.5 * self.gamma * sq_distance(new, anchor).double())
             dr_new = drift(new, grads_new, anchor, self.nbeta, self.gamma)
             log_a = mala_log_accept(old, new, u, u_new, info["drift"], dr_new, self.eps,
-                                    info["precond"])
+                                    preconditioner(info))
             self.sum += torch.exp(torch.clamp(torch.nan_to_num(log_a, nan=-1e30), max=0.0))
             self.count += 1
 
@@ -232,6 +240,9 @@ def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kerne
         if draw >= 0 and mala.due(draw):
             mala.on_transition(gradients, state.position, new.position, info, losses, base,
                                anchor, batch)
+        # Released before the next step's gradient, the peak of the step: the gradient and the
+        # drift would otherwise stay alive through it (two parameter-sized copies per chain).
+        del grads, info
         if (not free or t % _CHECK_EVERY == _CHECK_EVERY - 1 or t == total - 1) and bool(
                 monitor.model_nan.any()):
             _raise_model_nan(monitor, state.position, anchor, base, bad, exact=not free)

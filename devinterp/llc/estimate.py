@@ -216,6 +216,35 @@ def _thread_policy(cfg: SamplerConfig, params: dict[str, nn.Parameter],
     return 1 if work < SMALL_MODEL_WORK else None
 
 
+#: Parameter-sized copies one vectorized chain holds at its peak (position, gradient, drift,
+#: noise, new position, preconditioner, autograd's batched intermediates), measured by
+#: ``tools/bench_memory.py``; activations come on top, hence the safety factor below.
+COPIES_PER_CHAIN = 16
+
+
+def chains_that_fit(prob: Problem, num_chains: int) -> int:
+    """How many chains to vectorize at once: all of them, unless their state would take more
+    than half the memory free now (CUDA: the device's; CPU: the machine's available RAM)."""
+    per_chain = COPIES_PER_CHAIN * sum(v.numel() * v.element_size()
+                                       for v in prob.anchor.values())
+    free = _free_memory(prob.device)
+    if free is None or per_chain == 0:
+        return num_chains
+    return max(1, min(num_chains, int(0.5 * free // per_chain)))
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now, or None when that cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError):
+            return None
+    return None
+
+
 def _cache_baseline(prob: Problem, cfg: SamplerConfig, loss_fn: LossFn | None) -> None:
     """Per-sample losses at w*, when one pass over the data costs less than a baseline
     forward per draw and the loss is proven to be their mean (else a paired forward)."""
@@ -242,7 +271,8 @@ def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, eps: float, vector
              first_chain: int, progress: bool) -> list[driver.ChainRun]:
     """Every chain, in chunks of ``chain_chunk_size`` (same numbers as one chunk)."""
     chains = list(range(first_chain, first_chain + cfg.num_chains))
-    chunk = cfg.chain_chunk_size or cfg.num_chains
+    # Sequential chains hold one chain's state at a time; vectorized ones as many as fit.
+    chunk = cfg.chain_chunk_size or (chains_that_fit(prob, cfg.num_chains) if vectorize else 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Position", "drift", "mala_log_accept", "move", "sq_distance"]
+__all__ = ["Position", "drift", "mala_log_accept", "move", "preconditioner", "sq_distance"]
 
 Position = dict[str, Tensor]
 
@@ -30,19 +30,26 @@ def drift(position: Position, grad: Position, anchor: Position, nbeta: float,
 
 
 def move(position: Position, drift_: Position, noise: Position, step_size: float,
-         precond: Position | None = None) -> Position:
+         root: Position | None = None) -> Position:
     """One (preconditioned) Langevin step: w − (ε/2)·G·∇U(w) + √(ε·G)·ξ, as new tensors;
-    ``noise`` ξ is standard normal, ``precond`` None means G = 1."""
+    ``noise`` ξ is standard normal; ``root`` is √G (None: G = 1). Kernels keep √G rather
+    than G: one parameter-sized buffer per chain serves both terms."""
     new = {}
-    root = step_size**0.5
+    scale = step_size**0.5
     for k, w in position.items():
-        if precond is None:
-            new[k] = torch.add(w, drift_[k], alpha=-0.5 * step_size).add_(noise[k], alpha=root)
+        if root is None:
+            new[k] = torch.add(w, drift_[k], alpha=-0.5 * step_size).add_(noise[k], alpha=scale)
         else:
-            g = precond[k]
-            step = torch.addcmul(w, g, drift_[k], value=-0.5 * step_size)
-            new[k] = step.addcmul_(g.sqrt(), noise[k], value=root)
+            r = root[k]
+            step = torch.addcmul(w, r, r * drift_[k], value=-0.5 * step_size)
+            new[k] = step.addcmul_(r, noise[k], value=scale)
     return new
+
+
+def preconditioner(info: dict) -> Position | None:
+    """G = (√G)² of a kernel step's ``info`` (None for plain SGLD), for MALA accounting."""
+    root = info.get("root")
+    return None if root is None else {k: r * r for k, r in root.items()}
 
 
 def _sum_per_chain(t: Tensor, chain_dim: bool) -> Tensor:

@@ -22,12 +22,13 @@ ALPHA = 0.99
 
 @dataclass(frozen=True)
 class RMSPropState:
-    """Position, the running squared-drift average V, the preconditioner G last computed
-    (None before the first step) and the damping δ."""
+    """Position, the running squared-drift average V (dropped once adaptation ends: the draws
+    never need it), √G (None before the first step; updated in place while adapting) and the
+    damping δ."""
 
     position: Position
-    average: Position
-    precond: Position | None
+    average: Position | None
+    root: Position | None
     delta: float
 
 
@@ -42,18 +43,24 @@ def step(state: RMSPropState, grad: Position, noise: Position, *, anchor: Positi
          step_size: float, nbeta: float, localization: float, adapt: bool
          ) -> tuple[RMSPropState, dict]:
     """One step. With ``adapt`` (burn-in), V takes in this drift (the first step sets it) and
-    G is recomputed; otherwise G stays frozen. ``info``: the drift and the G used."""
+    G is recomputed; otherwise G stays frozen. Adaptation happens at the start of a chain
+    only: the first step without it drops V. ``info``: the drift and the √G used."""
     d = drift(state.position, grad, anchor, nbeta, localization)
-    precond = state.precond
-    if adapt or precond is None:
-        first = precond is None
+    average, root = state.average, state.root
+    if adapt or root is None:
+        first = root is None
+        if first:
+            root = {k: torch.empty_like(v) for k, v in average.items()}
         for k, dk in d.items():
-            v = state.average[k]
+            v, r = average[k], root[k]
             if first:
-                v.copy_(dk * dk)
+                torch.mul(dk, dk, out=v)
             else:
                 v.mul_(ALPHA).addcmul_(dk, dk, value=1 - ALPHA)
-        precond = {k: 1.0 / (v.sqrt() + state.delta) for k, v in state.average.items()}
-    new = move(state.position, d, noise, step_size, precond)
-    return (RMSPropState(new, state.average, precond, state.delta),
-            {"drift": d, "precond": precond})
+            # √G = (√V + δ)^(-1/2), in place in this chain's own buffer: no temporaries.
+            torch.sqrt(v, out=r)
+            r.add_(state.delta).reciprocal_().sqrt_()
+    else:
+        average = None
+    new = move(state.position, d, noise, step_size, root)
+    return RMSPropState(new, average, root, state.delta), {"drift": d, "root": root}

@@ -26,7 +26,7 @@ def init(position: Position, *, localization: float) -> SGLDState:
 def step(state: SGLDState, grad: Position, noise: Position, *, anchor: Position,
          step_size: float, nbeta: float, localization: float, adapt: bool
          ) -> tuple[SGLDState, dict]:
-    """One step; ``info`` holds the drift ∇U and the preconditioner (None) it used, which
+    """One step; ``info`` holds the drift ∇U and √G (None: no preconditioner) it used, which
     the driver's MALA accounting needs. ``adapt`` is unused (nothing to adapt)."""
     d = drift(state.position, grad, anchor, nbeta, localization)
-    return SGLDState(move(state.position, d, noise, step_size)), {"drift": d, "precond": None}
+    return SGLDState(move(state.position, d, noise, step_size)), {"drift": d, "root": None}
