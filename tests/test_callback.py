@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import random
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import docstring_parser
@@ -473,3 +476,15 @@ def test_module_loss_convention_is_one_function():
         "module_loss_fn", loss_fn=nn.functional.mse_loss)
     with pytest.raises(ValueError, match="^Linear has no loss for λ̂"):
         module_loss(nn.Linear(2, 1))
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_track_llc_and_the_fabric_names_never_import_lightning():
+    """devinterp.tracking imports LLCCallback (and so Lightning) only when it is asked for."""
+    code = ("import sys; from devinterp.tracking import Schedule, track_llc; "
+            "from devinterp.fabric import record_result; import devinterp.tracking as t; "
+            "before = 'lightning.pytorch' in sys.modules; t.LLCCallback; "
+            "print(before, 'lightning.pytorch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.stdout.split() == ["False", "True"], out.stderr

@@ -259,3 +259,31 @@ def test_a_full_disk_under_csv_logger_warns_once_and_training_goes_on(tmp_path):
     assert len(ours) == 1 and "CSVLogger.log_hyperparams failed" in ours[0]
     assert "No space left on device" in ours[0]
     assert not set(vars(csv)) & {"log_metrics", "log_hyperparams", "save", "finalize"}
+
+
+def test_metrics_recorder_keeps_changed_values_and_rows_a_failed_write_did_not_save(tmp_path):
+    """metrics.csv gets a value once per change (a stale callback_metrics entry is not recorded
+    again at later steps), and rows a failing write could not save are written by the next."""
+    import torch
+
+    from devinterp.store import RunStore
+    from devinterp.tracking.loggers import MetricsRecorder
+
+    rec, store = MetricsRecorder(), RunStore(tmp_path, create=True)
+    rec.record({"train_loss": torch.tensor(1.0), "vec": torch.ones(3), "name": "x"}, 0)
+    rec.record({"train_loss": torch.tensor(1.0), "val_loss": 2.0}, 1)
+    rec.record({"train_loss": torch.tensor(1.0), "val_loss": 2.0}, 2)  # nothing changed
+
+    def disk_full(rows):
+        raise OSError(28, "No space left on device")
+
+    real, store.write_metrics = store.write_metrics, disk_full
+    with pytest.raises(OSError):
+        rec.flush(store)
+    store.write_metrics = real
+    rec.flush(store)
+    m = load_run(tmp_path).metrics
+    assert m["step"].tolist() == [0, 1]
+    assert m["train_loss"].tolist()[0] == 1.0 and pd.isna(m["train_loss"].tolist()[1])
+    assert pd.isna(m["val_loss"].tolist()[0]) and m["val_loss"].tolist()[1] == 2.0
+    assert "vec" not in m.columns and "name" not in m.columns
