@@ -491,3 +491,18 @@ def test_the_wheel_holds_devinterp_only(tmp_path):
     (wheel,) = (tmp_path / "w").glob("*.whl")
     tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert "devinterp" in tops and "experiments" not in tops, tops
+
+
+def test_the_console_script_imports_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """As under `python -m devinterp`, modules in the current directory are importable (the
+    console script's own sys.path lacks it): `devinterp estimate` of a deferred run rebuilds
+    `experiments.*` from the repository root, where it is not installed."""
+    import importlib
+
+    (tmp_path / "cwd_module_for_devinterp.py").write_text("VALUE = 7\n")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["stages", "missing.csv"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert sys.path[-1] == str(tmp_path)
+    assert importlib.import_module("cwd_module_for_devinterp").VALUE == 7

@@ -26,6 +26,7 @@ __all__ = [
     "UsageError",
     "add_threads_argument",
     "apply_threads",
+    "importable_from",
     "main",
     "run_command",
     "thread_count",
@@ -122,9 +123,24 @@ def run_command(prog: str, main: Callable[[list[str]], int], argv: list[str],
         return 2
 
 
+def importable_from(*folders: str | os.PathLike) -> None:
+    """Append ``folders`` to ``sys.path`` (each once): their modules become importable, while
+    an installed package of the same name still wins."""
+    for folder in map(str, folders):
+        if folder not in sys.path:
+            sys.path.append(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``devinterp`` console script."""
+    """Entry point of the ``devinterp`` console script.
+
+    The current directory's modules are importable, as under ``python -m devinterp`` (the
+    console script alone would not see them): a config's ``class_path`` or ``--module``
+    ``experiments.tms:...`` run from the repository root finds the repository's
+    ``experiments``, which is not installed.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    importable_from(os.getcwd())
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):

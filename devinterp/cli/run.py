@@ -24,9 +24,9 @@ one trains. The run directory is the last line printed on stdout.
 A config's ``class_path`` modules are imported from where the config lives: the repository's
 ``experiments`` package is not installed with devinterp, so before LightningCLI resolves class
 paths the folder holding the config (the folder above it for a config in ``configs/``: the
-repository root) and the current directory are appended to ``sys.path``
-(:func:`add_config_roots`). A config elsewhere that names ``experiments.*`` needs the repository
-on ``PYTHONPATH``.
+repository root) is appended to ``sys.path`` (:func:`add_config_roots`), as is the current
+directory (:func:`devinterp.cli.main`). A config elsewhere that names ``experiments.*`` needs
+the repository on ``PYTHONPATH`` or as the current directory.
 
 ``--threads N`` runs torch, OpenMP and BLAS on N threads and overrides the config's
 ``torch_threads``. Option names are never abbreviated (``--trainer.max_step`` is an error
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from devinterp.cli import UsageError, apply_threads, thread_count
+from devinterp.cli import UsageError, apply_threads, importable_from, thread_count
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,7 +70,7 @@ __all__ = [
     "build_cli",
     "check_config",
     "condense_error",
-    "config_roots",
+    "config_root",
     "main",
     "new_run_dir",
     "parse_args",
@@ -322,25 +322,24 @@ def build_cli(config: Path, overrides: list[str], run_dir: Path | None) -> Any:
     return build(config, overrides, run_dir)
 
 
-def config_roots(config: Path) -> list[Path]:
-    """Where a config's ``class_path`` modules may live: the folder holding the config (for a
-    config in a ``configs/`` folder, the folder above it: the repository root, which holds
-    ``experiments/``) and the current directory."""
+def config_root(config: Path) -> Path:
+    """Where a config's ``class_path`` modules live: the folder holding the config, or for a
+    config in a ``configs/`` folder the folder above it (the repository root, which holds
+    ``experiments/``)."""
     folder = config.resolve().parent
-    return [folder.parent if folder.name == "configs" else folder, Path.cwd()]
+    return folder.parent if folder.name == "configs" else folder
 
 
 def add_config_roots(config: Path) -> None:
-    """Make the config's own code importable: append :func:`config_roots` to ``sys.path``.
+    """Make the config's own code importable: append :func:`config_root` to ``sys.path``.
 
     The repository's ``experiments`` package (``class_path: experiments.tms....``) is not
-    installed with devinterp; ``devinterp run configs/tms.yaml`` finds it next to ``configs/``.
-    The paths are appended, so an installed package of the same name wins. A config is the
-    user's own file, like a script they run, so its folder is trusted as a script's is.
+    installed with devinterp; ``devinterp run configs/tms.yaml`` finds it next to ``configs/``
+    from any current directory. The path is appended, so an installed package of the same name
+    wins. A config is the user's own file, like a script they run, so its folder is trusted as
+    a script's is.
     """
-    for root in map(str, config_roots(config)):
-        if root not in sys.path:
-            sys.path.append(root)
+    importable_from(config_root(config))
 
 
 def new_run_dir(config: Path, run_dir: Path | None) -> Path:
