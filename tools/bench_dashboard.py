@@ -33,7 +33,7 @@ from devinterp.dashboard import build_html, build_page
 from devinterp.dashboard.page import plotly_js
 from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore, _atomic_write_bytes, load_run
 
-#: Stage ends and λ̂ changes of the language-model run in Hoogland et al. (SCIENCE.md).
+#: Stage ends and λ̂ changes of the language-model run in Hoogland et al. 2024, arXiv 2402.02364.
 STAGE_ENDS = [900, 6500, 8500, 17000, 50000]
 STAGE_CHANGES = [26.4, 22.5, -1.57, 8.62, 1.77]
 
