@@ -483,3 +483,39 @@ def test_unset_chain_chunk_size_follows_free_memory(monkeypatch):
     same = estimate_llc(model, data, half_se, num_chains=8, num_draws=4, step_size=1e-4)
     assert sizes == [8]
     np.testing.assert_allclose(r.llc_trace, same.llc_trace, rtol=1e-6, atol=1e-9)
+
+
+# -- the driver's restriction (components in one computation) --------------------------------
+@pytest.mark.parametrize("sampler", ["sgld", "rmsprop_sgld"])
+def test_a_restricted_chain_gives_the_numbers_of_estimate_llc_with_weights(sampler):
+    """A chain that draws noise for some parameters and masks the rest is, step for step, the
+    chain of ``estimate_llc(weights=...)``: exactly with one ε, to float rounding with a
+    per-chain ε (one ε per component)."""
+    from devinterp.config import SamplerConfig
+    from devinterp.llc import driver
+    from devinterp.llc.estimate import _build_problem
+    from devinterp.llc.problem import sampled_parameters
+    from devinterp.samplers import get_kernel
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(600, 4)
+    with torch.no_grad():
+        y = model(x)
+    ref = estimate_llc(model, (x, y), gaussian_nll, num_chains=2, num_draws=30, num_burnin=15,
+                       weights=["2.*"], step_size=1e-3, sampler=sampler)
+    cfg = SamplerConfig(num_chains=2, num_draws=30, step_size=1e-3, sampler=sampler)
+    prob, _ = _build_problem(model, (x, y), sampled_parameters(model, None), gaussian_nll,
+                             None, cfg, None)
+    names = tuple(k for k in prob.anchor if k.startswith("2."))
+    masks = {k: torch.full((2, *v.shape), float(k in names)) for k, v in prob.anchor.items()}
+    restriction = driver.Restriction(params=(names, names), masks=masks)
+    for eps, tol in ((1e-3, 0.0), (torch.tensor([1e-3, 1e-3], dtype=torch.float64), 1e-5)):
+        run = driver.run_chains(prob, [0, 1], seed=0, kernel=get_kernel(sampler), step_size=eps,
+                                nbeta=ref.settings["nbeta"], localization=1.0, num_burnin=15,
+                                num_draws=30, vectorize=True, restriction=restriction)
+        trace = ref.settings["nbeta"] * (run.loss - run.baseline[None, :])
+        np.testing.assert_allclose(trace, ref.llc_trace, rtol=tol, atol=tol)
+        for k in prob.anchor:
+            if k not in names:  # masked weights never left w*
+                torch.testing.assert_close(run.final[k], prob.anchor[k].expand_as(run.final[k]))

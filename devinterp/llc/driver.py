@@ -23,13 +23,14 @@ from devinterp.llc.problem import Problem
 from devinterp.samplers import Kernel
 from devinterp.samplers.langevin import (
     Position,
+    StepSize,
     drift,
     mala_log_accept,
     preconditioner,
     sq_distance,
 )
 
-__all__ = ["ChainRun", "Recorder", "run_chains"]
+__all__ = ["ChainRun", "Recorder", "Restriction", "run_chains"]
 
 #: A loss this many times the loss scale at w* away from the baseline has exploded.
 DIVERGENCE_FACTOR = 1e4
@@ -67,19 +68,55 @@ def chain_generators(seed: int, chains: Sequence[int], device: torch.device) -> 
     return gens
 
 
-def noise(gens: list, anchor: Position) -> Position:
+@dataclass(frozen=True)
+class Restriction:
+    """Which weights each chain of a chunk moves (weight-refined λ̂ of several components in
+    one computation). ``params[c]``: the parameters chain ``c`` draws noise for, in anchor
+    order (so its noise stream is the one ``estimate_llc(weights=params[c])`` draws);
+    ``masks``: (chain, *param) 0/1 tensors that zero the gradient and the noise of every
+    entry a chain does not move, which therefore stays at w*."""
+
+    params: tuple[tuple[str, ...], ...]
+    masks: Position
+
+
+def noise(gens: list, anchor: Position, params: Sequence[Sequence[str]] | None = None
+          ) -> Position:
     """Standard normal noise shaped (chain, *param) with each chain's own generator, drawn
-    straight into one buffer (no per-chain copies to stack)."""
+    straight into one buffer (no per-chain copies to stack). With ``params``, chain ``c``
+    draws only for ``params[c]`` (the others get zeros), in anchor order."""
     total = sum(v.numel() for v in anchor.values())
     ref = next(iter(anchor.values()))
-    flat = torch.empty(len(gens), total, device=ref.device, dtype=ref.dtype)
-    for row, g in zip(flat, gens, strict=True):
-        torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype, out=row)
+    if params is None:
+        flat = torch.empty(len(gens), total, device=ref.device, dtype=ref.dtype)
+        for row, g in zip(flat, gens, strict=True):
+            torch.randn(total, generator=g, device=ref.device, dtype=ref.dtype, out=row)
+    else:
+        flat = torch.zeros(len(gens), total, device=ref.device, dtype=ref.dtype)
+        offsets, i = {}, 0
+        for k, v in anchor.items():
+            offsets[k], i = (i, i + v.numel()), i + v.numel()
+        for row, g, names in zip(flat, gens, params, strict=True):
+            draw = torch.randn(sum(anchor[k].numel() for k in names), generator=g,
+                               device=ref.device, dtype=ref.dtype)
+            j = 0
+            for k in names:
+                a, b = offsets[k]
+                row[a:b] = draw[j : j + b - a]
+                j += b - a
     out, i = {}, 0
     for k, v in anchor.items():
         out[k] = flat[:, i : i + v.numel()].view(len(gens), *v.shape)
         i += v.numel()
     return out
+
+
+def masked(position: Position, masks: Position | None) -> Position:
+    """``position`` with every entry a chain does not move set to 0, in place."""
+    if masks is not None:
+        for k, v in position.items():
+            v.mul_(masks[k])
+    return position
 
 
 def chain_gradients(prob: Problem, chains: int, vectorize: bool) -> Callable:
@@ -196,20 +233,29 @@ class DivergenceMonitor:
 
 
 def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kernel,
-               step_size: float, nbeta: float, localization: float, num_burnin: int,
+               step_size: StepSize, nbeta: float, localization: float, num_burnin: int,
                num_draws: int, vectorize: bool, accept_every: int = 32, progress: Any = None,
-               recorders: Sequence[Recorder] = ()) -> ChainRun:
+               recorders: Sequence[Recorder] = (), restriction: Restriction | None = None
+               ) -> ChainRun:
     """Run ``chains`` from w* for ``num_burnin + num_draws`` steps; record the draws.
 
     The start w* is never a draw (its loss is the baseline: counting it biases λ̂ low), so with
-    ``num_burnin=0`` the first draw is the position after one step.
+    ``num_burnin=0`` the first draw is the position after one step. ``step_size`` is one ε or
+    one per chain (chain,); ``restriction`` limits what each chain moves.
     """
     num_burnin = max(num_burnin, 1)
     C, dev = len(chains), prob.device
     anchor = {k: v.unsqueeze(0).expand(C, *v.shape) for k, v in prob.anchor.items()}
     state = kernel.init(anchor, localization=localization)
     gens = chain_generators(seed, chains, dev)
-    gradients = chain_gradients(prob, C, vectorize)
+    masks = None if restriction is None else restriction.masks
+    params = None if restriction is None else restriction.params
+    unmasked = chain_gradients(prob, C, vectorize)
+
+    def gradients(position: Position, batch: Any) -> tuple[Position, Tensor]:
+        grads, losses = unmasked(position, batch)
+        return masked(grads, masks), losses
+
     draws = DrawRecorder(C, num_draws, dev)
     mala = MalaRecorder(C, dev, accept_every, nbeta, localization, step_size)
     monitor = DivergenceMonitor(chains, num_burnin, dev)
@@ -234,7 +280,8 @@ def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kerne
             if draw >= 0:
                 for recorder in (draws, *recorders):
                     recorder.on_draw(draw, state.position, losses, base, batch)
-            new, info = kernel.step(state, grads, noise(gens, prob.anchor), anchor=anchor,
+            xi = masked(noise(gens, prob.anchor, params), masks)
+            new, info = kernel.step(state, grads, xi, anchor=anchor,
                                     step_size=step_size, nbeta=nbeta,
                                     localization=localization, adapt=t < num_burnin)
         if draw >= 0 and mala.due(draw):
@@ -242,7 +289,7 @@ def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kerne
                                anchor, batch)
         # Released before the next step's gradient, the peak of the step: the gradient and the
         # drift would otherwise stay alive through it (two parameter-sized copies per chain).
-        del grads, info
+        del grads, info, xi
         if (not free or t % _CHECK_EVERY == _CHECK_EVERY - 1 or t == total - 1) and bool(
                 monitor.model_nan.any()):
             _raise_model_nan(monitor, state.position, anchor, base, bad, exact=not free)

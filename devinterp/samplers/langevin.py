@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Position", "drift", "mala_log_accept", "move", "preconditioner", "sq_distance"]
+__all__ = ["Position", "StepSize", "drift", "mala_log_accept", "move", "per_chain",
+           "preconditioner", "sq_distance"]
 
 Position = dict[str, Tensor]
 
@@ -29,20 +30,36 @@ def drift(position: Position, grad: Position, anchor: Position, nbeta: float,
     return out
 
 
-def move(position: Position, drift_: Position, noise: Position, step_size: float,
+StepSize = float | Tensor
+
+
+def per_chain(step_size: StepSize, like: Tensor) -> StepSize:
+    """ε as given (a float), or a per-chain ε of shape (chain,) shaped to broadcast over
+    ``like`` (chain, *param)."""
+    if isinstance(step_size, Tensor):
+        return step_size.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    return step_size
+
+
+def move(position: Position, drift_: Position, noise: Position, step_size: StepSize,
          root: Position | None = None) -> Position:
     """One (preconditioned) Langevin step: w − (ε/2)·G·∇U(w) + √(ε·G)·ξ, as new tensors;
     ``noise`` ξ is standard normal; ``root`` is √G (None: G = 1). Kernels keep √G rather
-    than G: one parameter-sized buffer per chain serves both terms."""
+    than G: one parameter-sized buffer per chain serves both terms. ``step_size`` is one ε, or
+    one per chain (shape (chain,), e.g. components with their own ε in one computation)."""
     new = {}
-    scale = step_size**0.5
     for k, w in position.items():
-        if root is None:
-            new[k] = torch.add(w, drift_[k], alpha=-0.5 * step_size).add_(noise[k], alpha=scale)
+        if isinstance(step_size, Tensor):
+            eps = per_chain(step_size, w)
+            r = 1.0 if root is None else root[k]
+            new[k] = w - (0.5 * eps) * (r * r) * drift_[k] + eps.sqrt() * r * noise[k]
+        elif root is None:
+            new[k] = torch.add(w, drift_[k], alpha=-0.5 * step_size).add_(
+                noise[k], alpha=step_size**0.5)
         else:
             r = root[k]
             step = torch.addcmul(w, r, r * drift_[k], value=-0.5 * step_size)
-            new[k] = step.addcmul_(r, noise[k], value=scale)
+            new[k] = step.addcmul_(r, noise[k], value=step_size**0.5)
     return new
 
 
@@ -58,7 +75,7 @@ def _sum_per_chain(t: Tensor, chain_dim: bool) -> Tensor:
 
 
 def mala_log_accept(w: Position, w_new: Position, u: Tensor, u_new: Tensor, drift_: Position,
-                    drift_new: Position, step_size: float, precond: Position | None = None,
+                    drift_new: Position, step_size: StepSize, precond: Position | None = None,
                     *, chain_dim: bool = True) -> Tensor:
     """Log Metropolis-Hastings ratio of the Langevin proposal w → w_new (MALA acceptance).
 
@@ -69,7 +86,7 @@ def mala_log_accept(w: Position, w_new: Position, u: Tensor, u_new: Tensor, drif
     bwd = torch.zeros_like(u)
     for k in w:
         g = 1.0 if precond is None else precond[k]
-        var = step_size * g
+        var = per_chain(step_size, w[k]) * g
         d_fwd = w_new[k] - w[k] + 0.5 * var * drift_[k]
         d_bwd = w[k] - w_new[k] + 0.5 * var * drift_new[k]
         fwd = fwd + _sum_per_chain(d_fwd * d_fwd / var, chain_dim)
