@@ -519,3 +519,29 @@ def test_a_restricted_chain_gives_the_numbers_of_estimate_llc_with_weights(sampl
         for k in prob.anchor:
             if k not in names:  # masked weights never left w*
                 torch.testing.assert_close(run.final[k], prob.anchor[k].expand_as(run.final[k]))
+
+
+def test_a_recorder_sees_every_draw_of_every_chain_at_the_sampled_positions():
+    """The hook per-draw observables use: bound to the problem once, then shown each draw."""
+
+    class Distances:
+        def __init__(self) -> None:
+            self.seen: dict[int, list[int]] = {}
+            self.problem = None
+
+        def bind(self, problem) -> None:
+            self.problem = problem
+
+        def on_draw(self, draw, chains, position, losses, baseline, batch) -> None:
+            assert position["weight"].shape[0] == len(chains) == len(losses)
+            for c in chains:
+                self.seen.setdefault(c, []).append(draw)
+
+    model = nn.Linear(3, 1)
+    data = (torch.randn(64, 3), torch.randn(64, 1))
+    rec = Distances()
+    r = estimate_llc(model, data, half_se, num_chains=3, num_draws=5, step_size=1e-3,
+                     chain_chunk_size=2, recorders=[rec])
+    assert rec.problem is not None and rec.problem.model is model
+    assert rec.seen == {c: list(range(5)) for c in range(3)}
+    assert r.loss_trace.shape == (3, 5)

@@ -39,11 +39,14 @@ _CHECK_EVERY = 16
 
 
 class Recorder(Protocol):
-    """Sees every recorded draw of a chunk: the positions (chain, *param) it was computed at,
-    the chains' minibatch losses (chain,), the paired baseline, and the minibatch itself."""
+    """Sees every recorded draw of a chunk of chains: the draw's index, the chains' indices,
+    the positions (chain, *param) it was computed at, the chains' minibatch losses (chain,),
+    the paired baseline, and the minibatch itself. This is where per-draw observables plug in
+    (``estimate_llc(recorders=[...])``; a recorder with a ``bind(problem)`` method is given
+    the :class:`~devinterp.llc.problem.Problem` first, to evaluate the model at positions)."""
 
-    def on_draw(self, draw: int, position: Position, losses: Tensor, baseline: Tensor,
-                batch: Any) -> None: ...
+    def on_draw(self, draw: int, chains: Sequence[int], position: Position, losses: Tensor,
+                baseline: Tensor, batch: Any) -> None: ...
 
 
 @dataclass
@@ -146,8 +149,8 @@ class DrawRecorder:
                                dtype=torch.float64)
         self.baseline = torch.zeros(draws, device=device, dtype=torch.float64)
 
-    def on_draw(self, draw: int, position: Position, losses: Tensor, baseline: Tensor,
-                batch: Any) -> None:
+    def on_draw(self, draw: int, chains: Sequence[int], position: Position, losses: Tensor,
+                baseline: Tensor, batch: Any) -> None:
         self.loss[:, draw] = losses
         self.baseline[draw] = baseline
 
@@ -279,7 +282,7 @@ def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kerne
             bad = monitor.check(t, losses, base)
             if draw >= 0:
                 for recorder in (draws, *recorders):
-                    recorder.on_draw(draw, state.position, losses, base, batch)
+                    recorder.on_draw(draw, chains, state.position, losses, base, batch)
             xi = masked(noise(gens, prob.anchor, params), masks)
             new, info = kernel.step(state, grads, xi, anchor=anchor,
                                     step_size=step_size, nbeta=nbeta,

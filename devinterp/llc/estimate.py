@@ -60,6 +60,7 @@ def estimate_llc(
     vectorize: bool = _DEFAULT.vectorize,
     num_threads: int | None = _DEFAULT.num_threads,
     progress: bool = False,
+    recorders: Sequence[driver.Recorder] = (),
 ) -> LLCResult:
     """Estimate the local learning coefficient λ̂ of ``model`` at its current weights w*.
 
@@ -111,6 +112,11 @@ def estimate_llc(
             (``tools/bench_threads.py``), unless ``OMP_NUM_THREADS`` is set (``--threads`` of
             every command sets it); else torch's setting.
         progress: show a tqdm progress bar.
+        recorders: per-draw observables (advanced): objects with ``on_draw(draw, chains,
+            position, losses, baseline, batch)``, called at every recorded draw of every chunk
+            of chains, and optionally ``bind(problem)``, called once before sampling (see
+            :class:`devinterp.llc.driver.Recorder`). Pilot chains of the automatic step are not
+            shown to them.
 
     Returns:
         An :class:`LLCResult`. Arrays of samples are shaped (chain, draw).
@@ -147,7 +153,10 @@ def estimate_llc(
             _cache_baseline(prob, cfg, loss_fn)
             eps, calib = _step_size(prob, cfg, nbeta, vectorize)
             t_cal = time.perf_counter() - t_start
-            runs = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress)
+            for recorder in recorders:
+                if hasattr(recorder, "bind"):
+                    recorder.bind(prob)
+            runs = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress, recorders)
     finally:
         for m, was_training in modes:
             m.training = was_training
@@ -268,7 +277,8 @@ def _step_size(prob: Problem, cfg: SamplerConfig, nbeta: float, vectorize: bool
 
 
 def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, eps: float, vectorize: bool,
-             first_chain: int, progress: bool) -> list[driver.ChainRun]:
+             first_chain: int, progress: bool, recorders: Sequence[driver.Recorder] = ()
+             ) -> list[driver.ChainRun]:
     """Every chain, in chunks of ``chain_chunk_size`` (same numbers as one chunk)."""
     chains = list(range(first_chain, first_chain + cfg.num_chains))
     # Sequential chains hold one chain's state at a time; vectorized ones as many as fit.
@@ -283,7 +293,8 @@ def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, eps: float, vector
         return [driver.run_chains(prob, chains[i : i + chunk], seed=cfg.seed,
                                   kernel=get_kernel(cfg.sampler), step_size=eps, nbeta=nbeta,
                                   localization=float(cfg.localization), num_burnin=cfg.burnin,
-                                  num_draws=cfg.num_draws, vectorize=vectorize, progress=bar)
+                                  num_draws=cfg.num_draws, vectorize=vectorize, progress=bar,
+                                  recorders=recorders)
                 for i in range(0, cfg.num_chains, chunk)]
     finally:
         if bar is not None:
