@@ -24,9 +24,9 @@ _EXPORTS = {
     "AllChainsDivergedError": "devinterp.llc",
     "NonFiniteLossError": "devinterp.llc",
     "LLCCallback": "devinterp.tracking.callback",
-    "load_run": "devinterp.store",
-    "Run": "devinterp.store",
-    "RunStore": "devinterp.store",
+    "load_run": "devinterp.run.store",
+    "Run": "devinterp.run.store",
+    "RunStore": "devinterp.run.store",
     "detect_stages": "devinterp.stages",
 }
 

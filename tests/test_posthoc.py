@@ -18,8 +18,9 @@ from llc_models import FAST, Tiny, trainer
 
 from devinterp import LLCCallback, load_run
 from devinterp.cli import main as cli_main
-from devinterp.posthoc import estimate_run, main
-from devinterp.store import file_sha256
+from devinterp.cli.estimate import main
+from devinterp.run.estimate import estimate_run
+from devinterp.run.store import file_sha256
 
 TESTS = Path(__file__).parent
 FAST_FLAGS = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "5", "--step-size",

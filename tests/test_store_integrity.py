@@ -20,11 +20,11 @@ import pytest
 import torch
 from llc_models import FAST, Tiny, trainer
 
-import devinterp.posthoc
+import devinterp.run.estimate
 from devinterp import LLCCallback, load_run
 from devinterp.cli import main as cli_main
-from devinterp.posthoc import estimate_run
-from devinterp.store import (
+from devinterp.run.estimate import estimate_run
+from devinterp.run.store import (
     ESTIMATOR_DEFAULTS,
     LLC_FILE,
     SETTINGS_FILE,
@@ -72,7 +72,7 @@ def test_the_stores_defaults_are_the_estimators():
         assert value == want, key
     assert {k for k in SETTINGS_ID_KEYS if params[k].default is not None} <= set(
         ESTIMATOR_DEFAULTS)
-    code = ("import sys; from devinterp.store import settings_id; settings_id({}); "
+    code = ("import sys; from devinterp.run.store import settings_id; settings_id({}); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout
@@ -108,7 +108,7 @@ def test_interrupted_force_then_plain_rerun_is_refused_until_forced(run, monkeyp
     """`--force --num-draws 12` killed after 2 rows, then a plain rerun: before, 2 rows at 12
     draws and 3 at 10 stayed in one table."""
     estimate_run(run, progress=False)
-    real, calls = devinterp.posthoc.record_result, []
+    real, calls = devinterp.run.estimate.record_result, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -116,7 +116,7 @@ def test_interrupted_force_then_plain_rerun_is_refused_until_forced(run, monkeyp
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(devinterp.posthoc, "record_result", interrupted)
+    monkeypatch.setattr(devinterp.run.estimate, "record_result", interrupted)
     with pytest.raises(KeyboardInterrupt):
         estimate_run(run, progress=False, force=True, num_draws=12)
     monkeypatch.undo()
@@ -151,16 +151,16 @@ def test_a_failed_command_records_no_settings(run, capsys):
 def test_a_concurrent_estimate_with_other_settings_stops_the_first(run, monkeypatch):
     """Two `devinterp estimate` with different options on one run directory: when the other
     rewrites a row this one already wrote, this one stops instead of mixing."""
-    real, calls = devinterp.posthoc.run_estimator, []
+    real, calls = devinterp.run.estimate.run_estimator, []
 
     def with_another_process(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # after this estimate wrote step 0, another rewrites it
-            monkeypatch.setattr(devinterp.posthoc, "run_estimator", real)
+            monkeypatch.setattr(devinterp.run.estimate, "run_estimator", real)
             estimate_run(run, progress=False, steps=[0], force=True, num_draws=12)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(devinterp.posthoc, "run_estimator", with_another_process)
+    monkeypatch.setattr(devinterp.run.estimate, "run_estimator", with_another_process)
     with pytest.raises(MixedSettingsError, match="another process wrote rows of other"):
         estimate_run(run, progress=False)
     assert num_draws(run) == {0: 12}
@@ -220,9 +220,9 @@ def test_bad_options_fail_up_front_in_one_line(run, capsys, flags, problem):
 def test_a_full_disk_is_one_line_and_keeps_the_rows_written(run, capsys, monkeypatch):
     import errno
 
-    import devinterp.store
+    import devinterp.run.store
 
-    real, writes = devinterp.store._atomic_write_bytes, []
+    real, writes = devinterp.run.store.atomic_write_bytes, []
 
     def filling_up(path, data, **kwargs):
         if Path(path).name == LLC_FILE:
@@ -231,7 +231,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_rows_written(run, capsys, monkeyp
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, data, **kwargs)
 
-    monkeypatch.setattr(devinterp.store, "_atomic_write_bytes", filling_up)
+    monkeypatch.setattr(devinterp.run.store, "atomic_write_bytes", filling_up)
     assert cli_main(["estimate", str(run), "--quiet"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and f"cannot write {run / LLC_FILE}: No space left on device" in err[0]
@@ -254,13 +254,13 @@ def test_bad_settings_json_is_named(run, capsys):
 
 
 def test_threads_apply_while_estimating_only(run, monkeypatch):
-    real, seen = devinterp.posthoc.run_estimator, []
+    real, seen = devinterp.run.estimate.run_estimator, []
 
     def recording(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(devinterp.posthoc, "run_estimator", recording)
+    monkeypatch.setattr(devinterp.run.estimate, "run_estimator", recording)
     torch.set_num_threads(1)
     estimate_run(run, progress=False, steps=[0], threads=2)
     assert seen == [2] and torch.get_num_threads() == 1
@@ -295,7 +295,7 @@ def test_the_run_store_needs_no_fcntl(tmp_path):
     code = textwrap.dedent("""
         import sys
         sys.modules["fcntl"] = None  # as on Windows: `import fcntl` fails
-        from devinterp.store import RunStore
+        from devinterp.run.store import RunStore
         store = RunStore(sys.argv[1], create=True)
         store.write_llc_row({"step": 3, "llc_mean": 1.0, "llc_std": 0.0})
         print(store.read_table("llc.csv")["step"].tolist())

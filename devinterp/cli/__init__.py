@@ -34,9 +34,9 @@ __all__ = [
 
 COMMANDS = {
     "run": ("devinterp.cli.run", "train a config-driven experiment with the LLC callback"),
-    "estimate": ("devinterp.posthoc", "estimate λ̂ for the snapshots of a run directory"),
+    "estimate": ("devinterp.cli.estimate", "estimate λ̂ for the snapshots of a run directory"),
     "stages": ("devinterp.cli.stages", "detect developmental stages in a run's λ̂ curve"),
-    "dashboard": ("devinterp.dashboard", "write or serve the dashboard of one or many runs"),
+    "dashboard": ("devinterp.cli.dashboard", "write or serve the dashboard of one or many runs"),
 }
 
 USAGE = "usage: devinterp {run,estimate,stages,dashboard} [--debug] ...\n\n" + "\n".join(

@@ -17,7 +17,7 @@ from llc_models import FAST, Tiny, trainer
 
 from devinterp import LLCCallback, load_run
 from devinterp.cli import main as cli_main
-from devinterp.store import RunStore
+from devinterp.run.store import RunStore
 
 
 class DiskFullLogger(Logger):
