@@ -44,8 +44,10 @@ USAGE = "usage: devinterp {run,estimate,stages,dashboard} [--debug] ...\n\n" + "
 )
 
 #: Exceptions that mean "the user asked for something wrong", not "the program is broken".
+#: ``OSError`` (a full disk, an unreadable file, and its subclasses FileNotFoundError,
+#: NotADirectoryError, PermissionError) is the user's to fix too: one line, not a traceback.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError,
-               KeyError)
+               KeyError, OSError)
 
 
 class UsageError(Exception):

@@ -5,6 +5,7 @@ is lost, and every error is one line that names the problem."""
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import threading
 import warnings
@@ -133,6 +134,7 @@ def csv_curve(tmp_path: Path) -> Path:
         ["stages", "{tmp}/curve.csv", "--min-stage-length", "soon"],
         ["dashboard", "{tmp}/missing", "-o", "{tmp}/x.html"],
         ["dashboard", "{tmp}", "--serve", "--port", "eighty"],
+        ["dashboard", "{tmp}", "-o", "{tmp}/x.html", "--threads", "0"],
     ],
 )
 def test_bad_arguments_exit_2_with_one_line_and_no_traceback(tmp_path, csv_curve, capsys, argv):
@@ -142,6 +144,48 @@ def test_bad_arguments_exit_2_with_one_line_and_no_traceback(tmp_path, csv_curve
     lines = [ln for ln in out.err.splitlines() if ln.strip()]
     assert len(lines) == 1, out.err
     assert "Traceback" not in out.err + out.out
+
+
+def test_dashboard_threads_are_applied(tmp_path, capsys, monkeypatch):
+    """``devinterp dashboard --threads 1`` sizes the thread pools (as every command's
+    --threads does) and writes the page; ``--threads 0`` is one line and exit code 2."""
+    from test_dashboard import write_run
+
+    from devinterp.cli import THREAD_ENV
+
+    for name in THREAD_ENV:
+        monkeypatch.delenv(name, raising=False)
+    run, out = write_run(tmp_path / "run"), tmp_path / "page.html"
+    assert cli_main(["dashboard", str(run), "-o", str(out), "--threads", "1"]) == 0
+    assert out.stat().st_size > 0 and "wrote" in capsys.readouterr().out
+    assert all(os.environ[name] == "1" for name in THREAD_ENV)
+    assert cli_main(["dashboard", str(run), "-o", str(out), "--threads", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads must be a positive integer" in err[0], err
+
+
+def test_a_disk_error_in_any_command_is_one_line(tmp_path, csv_curve, capsys, monkeypatch):
+    """An OSError that a command does not word itself (here: stages.json on a full disk) is
+    still one line naming it, exit code 2, and the old file is kept."""
+    import devinterp.run.store as store_module
+    from devinterp.cli import USER_ERRORS
+
+    assert OSError in USER_ERRORS
+    run = RunStore(tmp_path / "run", create=True)
+    for step in range(1, 40):
+        run.write_llc_row({"step": step, "llc_mean": step / 10, "llc_std": 0.1, "status": "ok"})
+    (run.path / "stages.json").write_text("[]")
+
+    def disk_full(path, data, *, durable=True):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(store_module, "atomic_write_bytes", disk_full)
+    assert cli_main(["stages", str(run.path)]) == 2
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0], out.err
+    assert "stages.json" in lines[0] and "Traceback" not in out.err + out.out
+    assert (run.path / "stages.json").read_text() == "[]"
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):
