@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -351,3 +353,63 @@ def test_an_unreadable_settings_json_never_blocks_a_row(tmp_path):
     row = store.write_llc_row({"step": 0, "llc_mean": 1.0, "llc_std": 0.0})
     assert "settings_id" not in row
     assert store.read_table(LLC_FILE)["step"].tolist() == [0]
+
+
+def within(seconds: float, fn, *args):
+    """``fn(*args)`` in a thread: its result or exception, or a failure if it blocks."""
+    box: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            box["value"] = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{fn.__qualname__} blocked for {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+@pytest.mark.parametrize("name", [SETTINGS_FILE, LLC_FILE, "traces/step_000000000.npy"])
+def test_a_fifo_in_a_run_directory_is_refused_not_waited_on(tmp_path, name):
+    """A run directory is untrusted input: a FIFO named like one of its files would block a
+    plain open() forever; reading it is one error naming the path."""
+    store = RunStore(tmp_path / "run", create=True)
+    store.write_llc_row({"step": 0, "llc_mean": 1.0, "llc_std": 0.0})
+    store.save_trace(0, np.zeros((2, 3)))
+    store.write_json(SETTINGS_FILE, {"num_draws": 10})
+    (store.path / name).unlink()
+    os.mkfifo(store.path / name)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(store.path / name))} is a FIFO"):
+        within(10, lambda: (load_run(store.path), store.load_trace(0)))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_snapshot_is_named_and_skipped(run, capsys):
+    """Post-hoc estimation reads every snapshot: a FIFO among them is named and skipped (exit
+    code 1), the other snapshots are estimated, and nothing waits on it."""
+    fifo = run / "snapshots" / "step_000000004.pt"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    code = within(120, cli_main, ["estimate", str(run), "--quiet"])
+    assert code == 1
+    assert f"cannot read {fifo} ({fifo} is a FIFO" in capsys.readouterr().err
+    table = load_run(run).llc
+    assert table[table["status"] == "ok"]["step"].tolist() == [0, 2, 6, 8]
+
+
+@pytest.mark.parametrize("step", ["2.5", "soon", ""])
+def test_a_step_that_is_not_a_whole_number_names_the_table(tmp_path, step):
+    store = RunStore(tmp_path, create=True)
+    (tmp_path / LLC_FILE).write_text(f"step,llc_mean\n0,1.0\n{step},2.0\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / LLC_FILE))}: 'step' "
+                                         r"must be a whole number in every row, got .* data "
+                                         r"row 2"):
+        store.read_table(LLC_FILE)
+    (tmp_path / LLC_FILE).write_text("step,llc_mean\n0,1.0\n4.0,2.0\n")  # whole: still fine
+    assert store.read_table(LLC_FILE)["step"].tolist() == [0, 4]
