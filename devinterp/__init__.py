@@ -28,6 +28,8 @@ _EXPORTS = {
     "Run": "devinterp.run.store",
     "RunStore": "devinterp.run.store",
     "detect_stages": "devinterp.stages",
+    "estimate_bif": "devinterp.influence",
+    "BIFResult": "devinterp.influence",
 }
 
 __all__ = sorted(_EXPORTS)
