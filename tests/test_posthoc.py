@@ -21,6 +21,7 @@ from devinterp.cli import main as cli_main
 from devinterp.cli.estimate import main
 from devinterp.run.estimate import estimate_run
 from devinterp.run.store import file_sha256
+from devinterp.run.wandb import run_record
 
 TESTS = Path(__file__).parent
 FAST_FLAGS = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "5", "--step-size",
@@ -260,6 +261,9 @@ def test_wandb_receives_deferred_values_on_the_loss_axis(tmp_path, monkeypatch):
                      **FAST)
     try:
         fit(tmp_path, [cb], logger=logger, max_steps=24)
+        # What run.json records is what resumes the W&B run (devinterp.run.wandb's record).
+        assert load_run(tmp_path / "run").meta["wandb"] == run_record(logger.experiment,
+                                                                      logger.save_dir)
     finally:
         wandb.finish()
     assert main([str(tmp_path / "run"), "--wandb", "--quiet"]) == 0

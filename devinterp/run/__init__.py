@@ -10,30 +10,19 @@ Modules, one job each:
   run directory is untrusted input) or what the user names.
 - :mod:`.wandb`: the one module that talks to Weights & Biases.
 
-Names are imported on first use, so reading a run (:func:`load_run`) never imports torch.
+The store's names are exported here; :mod:`.estimate` imports torch, so
+``from devinterp.run.estimate import estimate_run`` (reading a run never imports torch).
 """
 
-from __future__ import annotations
+from devinterp.run.store import (
+    MixedSettingsError,
+    Run,
+    RunStore,
+    atomic_write_bytes,
+    file_sha256,
+    load_run,
+    settings_id,
+)
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "MixedSettingsError": "devinterp.run.store",
-    "Run": "devinterp.run.store",
-    "RunStore": "devinterp.run.store",
-    "atomic_write_bytes": "devinterp.run.store",
-    "file_sha256": "devinterp.run.store",
-    "load_run": "devinterp.run.store",
-    "settings_id": "devinterp.run.store",
-    "EstimateReport": "devinterp.run.estimate",
-    "estimate_run": "devinterp.run.estimate",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'devinterp.run' has no attribute {name!r}")
+__all__ = ["MixedSettingsError", "Run", "RunStore", "atomic_write_bytes", "file_sha256",
+           "load_run", "settings_id"]
