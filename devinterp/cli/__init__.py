@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module and exposes ``main(argv) -> int``: ``run`` in
 :mod:`devinterp.cli.run` (with LightningCLI in :mod:`devinterp.cli._lightning`), ``stages`` in
-:mod:`devinterp.cli.stages`, ``estimate`` in :mod:`devinterp.posthoc` and ``dashboard`` in
-:mod:`devinterp.dashboard.cli`. Command lines are parsed only in these command modules; library
+:mod:`devinterp.cli.stages`, ``estimate`` in :mod:`devinterp.cli.estimate` and ``dashboard``
+in :mod:`devinterp.cli.dashboard`. Command lines are parsed only in these command modules; library
 code raises plain errors (ValueError, FileNotFoundError, ...). This file only
 dispatches and turns user errors into one line and exit code 2 (``--debug`` shows the traceback).
 Subcommands build their parsers with :class:`ArgumentParser`, whose errors are one line too.
