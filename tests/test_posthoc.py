@@ -299,3 +299,13 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     assert cli_main(["estimate", str(ckpts), "--num-chains", "many"]) == 2
     err = capsys.readouterr().err
     assert "invalid int value: 'many'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_run_package_and_the_dashboard_do_not_import_the_command_line():
+    """Command lines are parsed only under devinterp.cli: post-hoc estimation, its W&B module
+    and the dashboard are library code (plain errors, no parser)."""
+    code = ("import sys, devinterp.run.estimate, devinterp.run.wandb, devinterp.dashboard; "
+            "print(sorted(m for m in sys.modules if m.startswith('devinterp.cli')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    assert out.strip() == "[]"
