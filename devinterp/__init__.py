@@ -4,6 +4,8 @@ Public API (imported lazily, so ``import devinterp`` stays cheap and the estimat
 imports Lightning):
 
 - :func:`estimate_llc` -> :class:`LLCResult`: localized, tempered SGLD around a checkpoint.
+- :func:`estimate_refined_llc`: λ̂ of many components (heads, layers; :mod:`devinterp.components`)
+  in one call.
 - :class:`LLCCallback`: a Lightning callback that tracks λ̂ during training.
 - :func:`load_run`: read a run directory (λ̂ table, metrics, stages, snapshots).
 - :mod:`devinterp.theory`: exact learning coefficients of models where theory gives them.
@@ -19,6 +21,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "estimate_llc": "devinterp.llc",
+    "estimate_refined_llc": "devinterp.llc",
     "LLCResult": "devinterp.llc",
     "merge_results": "devinterp.llc",
     "AllChainsDivergedError": "devinterp.llc",

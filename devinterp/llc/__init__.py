@@ -29,11 +29,12 @@ from devinterp.llc.errors import (
 from devinterp.llc.estimate import DEFAULT_LOCALIZATION, SMALL_MODEL_WORK, estimate_llc
 from devinterp.llc.observables import ProbeLosses
 from devinterp.llc.problem import at_weights, parameter_aliases, sampled_parameters
+from devinterp.llc.refined import estimate_refined_llc
 from devinterp.llc.result import LLCResult, merge_results
 
 __all__ = [
     "DEFAULT_LOCALIZATION", "SMALL_MODEL_WORK", "AllChainsDivergedError", "LLCResult",
     "NonFiniteCurvatureError", "NonFiniteLossError", "ProbeLosses", "at_weights",
-    "check_weights", "estimate_llc", "merge_results", "parameter_aliases",
+    "check_weights", "estimate_llc", "estimate_refined_llc", "merge_results", "parameter_aliases",
     "sampled_parameters",
 ]

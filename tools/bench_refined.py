@@ -1,0 +1,120 @@
+"""K components × C chains in one ``estimate_refined_llc`` call against K separate
+``estimate_llc(weights=...)`` calls, with the same draws.
+
+    python tools/bench_refined.py [--layers 4] [--width 32] [--chains 4] [--draws 100]
+                                  [--repeats 3] [--device cuda]
+
+The model is a small transformer (``experiments/transformer.py``, width 32, 4 heads) on a
+regression target; the components are its blocks and their MLPs (whole parameters, so both
+ways can express them: 2 × layers components). Each variant runs in a fresh process; the
+script prints the best wall time of each, their ratio (target ≤ 0.8 on CPU: data, baseline
+and Python overhead are shared), the peak memory of each (CPU: growth of the peak resident
+set over the process's baseline after building model and data; CUDA:
+``torch.cuda.max_memory_allocated``), and checks that both give the same λ̂ traces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from devinterp import estimate_llc, estimate_refined_llc  # noqa: E402
+from devinterp.components import layers, mlps  # noqa: E402
+from devinterp.models import gaussian_nll  # noqa: E402
+from experiments.transformer import Transformer  # noqa: E402
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Transformer(args.width, args.layers, 4, 8).to(args.device)
+    x = torch.randn(2048, 8, args.width, device=args.device)
+    with torch.no_grad():
+        y = model(x) + 0.1 * torch.randn_like(x)
+    return model, (x, y)
+
+
+def peak_mb(device: str, base_kb: int) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kb) / 1024
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one variant, ``args.repeats`` times; print its best time and peak; save traces."""
+    model, data = build(args)
+    comps = {**layers(model), **mlps(model)}
+    opts = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.draws // 2,
+                step_size=1e-4, batch_size=64, sampler="sgld", seed=0, nbeta=100.0)
+    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times, traces = [], {}
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        if args.variant == "refined":
+            out = estimate_refined_llc(model, data, gaussian_nll, components=comps, **opts)
+        else:
+            out = {k: estimate_llc(model, data, gaussian_nll, weights=w, **opts)
+                   for k, w in comps.items()}
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+        traces = {k: r.llc_trace for k, r in out.items()}
+    np.savez(args.save, **traces)
+    print(json.dumps({"best_s": min(times), "peak_mb": peak_mb(args.device, base_kb),
+                      "components": len(comps),
+                      "params": sum(p.numel() for p in model.parameters())}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--chains", type=int, default=4)
+    p.add_argument("--draws", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--variant", choices=("refined", "separate"))
+    p.add_argument("--save")
+    args = p.parse_args()
+    if args.variant:
+        child(args)
+        return
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in ("separate", "refined"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--save",
+                   f"{tmp}/{variant}.npz"] + [f"--{k}={getattr(args, k)}" for k in
+                                             ("layers", "width", "chains", "draws", "repeats",
+                                              "device")]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows[variant] = json.loads(out.strip().splitlines()[-1])
+        a, b = np.load(f"{tmp}/separate.npz"), np.load(f"{tmp}/refined.npz")
+        worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
+    sep, ref = rows["separate"], rows["refined"]
+    print(f"{ref['components']} components × {args.chains} chains × {args.draws} draws "
+          f"(+{args.draws // 2} burn-in), {ref['params']} parameters, device {args.device}")
+    print(f"{'':34} {'best wall time':>15} {'peak memory':>12}")
+    print(f"{'separate estimate_llc(weights=...)':34} {sep['best_s']:13.2f} s "
+          f"{sep['peak_mb']:9.1f} MB")
+    print(f"{'one estimate_refined_llc call':34} {ref['best_s']:13.2f} s "
+          f"{ref['peak_mb']:9.1f} MB")
+    print(f"ratio (one call / separate): {ref['best_s'] / sep['best_s']:.2f} (target <= 0.8); "
+          f"peak memory ratio {ref['peak_mb'] / max(sep['peak_mb'], 1e-9):.2f}")
+    print(f"largest difference between the λ̂ traces: {worst:.3g}")
+
+
+if __name__ == "__main__":
+    main()
