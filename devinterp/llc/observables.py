@@ -106,23 +106,27 @@ class ProbeMoments:
                    torch.zeros(chains, cols, **z), torch.zeros(chains, rows, **z),
                    torch.zeros(chains, cols, **z), torch.zeros(chains, rows, cols, **z))
 
-    def fold(self, idx: Tensor, a: Tensor, b: Tensor) -> None:
-        """Merge a block of draws ``a`` (chain, m, R), ``b`` (chain, m, K) of chains ``idx``
-        (Chan, Golub & LeVeque's pairwise update: exact, one matrix product per block)."""
+    def fold(self, chains: slice, a: Tensor, b: Tensor) -> None:
+        """Merge a block of draws ``a`` (chain, m, R), ``b`` (chain, m, K) of the chains
+        ``chains`` (Chan, Golub & LeVeque's pairwise update: exact, one matrix product per
+        block, in place). The block's own co-moment is a product of deviations from its
+        mean in the losses' precision (float64 matrix products are several times slower on
+        CPUs); means and every running sum are float64."""
         m = a.shape[1]
-        n = self.count[idx]
+        n = self.count[chains]
         tot = n + m
-        ma, mb = a.mean(1), b.mean(1)
-        da, db = a - ma[:, None], b - mb[:, None]
-        delta_a, delta_b = ma - self.mean_rows[idx], mb - self.mean_cols[idx]
+        ma, mb = a.double().mean(1), b.double().mean(1)
+        da, db = a - ma.to(a.dtype)[:, None], b - mb.to(b.dtype)[:, None]
+        delta_a, delta_b = ma - self.mean_rows[chains], mb - self.mean_cols[chains]
         w = (n * m / tot)[:, None]
-        self.cross[idx] += da.transpose(1, 2) @ db + (w[:, :, None] * delta_a[:, :, None]
-                                                       * delta_b[:, None, :])
-        self.var_rows[idx] += (da * da).sum(1) + w * delta_a * delta_a
-        self.var_cols[idx] += (db * db).sum(1) + w * delta_b * delta_b
-        self.mean_rows[idx] += delta_a * (m / tot)[:, None]
-        self.mean_cols[idx] += delta_b * (m / tot)[:, None]
-        self.count[idx] = tot
+        cross = self.cross[chains]
+        cross += torch.bmm(da.transpose(1, 2), db)
+        cross.baddbmm_(delta_a[:, :, None], (w * delta_b)[:, None, :])
+        self.var_rows[chains] += da.double().square().sum(1) + w * delta_a * delta_a
+        self.var_cols[chains] += db.double().square().sum(1) + w * delta_b * delta_b
+        self.mean_rows[chains] += delta_a * (m / tot)[:, None]
+        self.mean_cols[chains] += delta_b * (m / tot)[:, None]
+        self.count[chains] = tot
 
     def pooled(self, keep: np.ndarray) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Merge the chains ``keep`` (bool, chain) into one pool of draws: its row and column
@@ -195,6 +199,8 @@ class ProbeLosses:
             if ix.numel() == 0 or int(ix.min()) < 0 or int(ix.max()) >= self.num_probes:
                 raise ValueError(f"{name} must be non-empty indices into the "
                                  f"{self.num_probes} probe samples")
+        self._all_rows = self.rows.equal(torch.arange(self.num_probes))
+        self._all_cols = self.cols.equal(torch.arange(self.num_probes))
         self.num_chains, self.first_chain = num_chains, first_chain
         self.loss_fn, self.batch_loss = loss_fn, batch_loss
         self.keep_trace = keep_trace
@@ -236,7 +242,8 @@ class ProbeLosses:
             out, targets).reshape(-1)
 
     def losses_at(self, position: dict[str, Tensor]) -> Tensor:
-        """All probes' losses at the positions (chain, *param) of a chunk: (chain, probe)."""
+        """All probes' losses at the positions (chain, *param) of a chunk: (chain, probe), in
+        the loss's dtype."""
         parts = []
         for batch in self.chunks:
             if self._vectorized:
@@ -245,7 +252,7 @@ class ProbeLosses:
                 c = next(iter(position.values())).shape[0]
                 parts.append(torch.stack([self.per_sample(
                     {k: v[i] for k, v in position.items()}, batch) for i in range(c)]))
-        return torch.cat(parts, dim=1).double()
+        return torch.cat(parts, dim=1)
 
     def _vmap_works(self) -> bool:
         stacked = {k: v.unsqueeze(0).expand(2, *v.shape) for k, v in self.problem.anchor.items()}
@@ -305,9 +312,15 @@ class ProbeLosses:
         if not self._buffer:
             return
         block = torch.stack(self._buffer, dim=1)  # (chain, m, probe)
-        idx = torch.as_tensor([c - self.first_chain for c in self._buffer_chains],
-                              device=block.device)
-        self.moments.fold(idx, block[:, :, self.rows], block[:, :, self.cols])
+        first = self._buffer_chains[0] - self.first_chain
+        chains = slice(first, first + len(self._buffer_chains))
+        if self._buffer_chains != tuple(range(self._buffer_chains[0],
+                                              self._buffer_chains[-1] + 1)):
+            raise ValueError("ProbeLosses needs each chunk of chains to be a contiguous range "
+                             f"of chain indices, got {list(self._buffer_chains)}")
+        rows = block if self._all_rows else block[:, :, self.rows]
+        cols = block if self._all_cols else block[:, :, self.cols]
+        self.moments.fold(chains, rows, cols)
         self._buffer = []
 
     # --- results ---------------------------------------------------------------------------
@@ -328,8 +341,9 @@ class ProbeLosses:
         _, vr, vc, cov = m.pooled(keep)
         vr_c, vc_c, cov_c = m.per_chain()
         if kind == "correlation":
-            cov = cov / _sqrt_outer(vr, vc)
-            cov_c = cov_c / _sqrt_outer(vr_c, vc_c)
+            # Clamped: co-moments come from products in the losses' precision, variances not.
+            cov = (cov / _sqrt_outer(vr, vc)).clamp(-1, 1)
+            cov_c = (cov_c / _sqrt_outer(vr_c, vc_c)).clamp(-1, 1)
         per = cov_c[torch.as_tensor(keep, device=cov_c.device)]
         k = per.shape[0]
         se = (per.std(0, unbiased=True) / math.sqrt(k) if k > 1

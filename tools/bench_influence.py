@@ -1,0 +1,115 @@
+"""Cost and memory of per-sample observables (probe losses at every draw) against a plain λ̂
+estimate with the same draws.
+
+For P probe samples the target is
+
+    time(λ̂ + probes) / time(λ̂)  ≤  1 + draws · chains · forward(P samples) / time(λ̂),
+
+i.e. no more than the extra forward passes, where forward(P samples) is one plain batched
+forward of the P probes at w* under ``torch.no_grad`` (timed here, per chain). Memory: the
+recorder's state (running moments) for a run with D and with 4·D draws, and the process's peak
+resident memory of each run in its own subprocess.
+
+    python tools/bench_influence.py [--probes 64 256 1024] [--draws 200] [--chains 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+from devinterp.llc import estimate_llc
+from devinterp.llc.observables import ProbeLosses
+
+
+def setup(n: int = 2048, d: int = 64, hidden: int = 256) -> tuple[nn.Module, tuple]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                          nn.ReLU(), nn.Linear(hidden, 10))
+    return model, (x, y)
+
+
+OPTIONS = dict(batch_size=256, step_size=1e-4, num_burnin=0, seed=0)
+
+
+def timed(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def forward_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, repeats: int = 20) -> float:
+    """One plain batched forward (and per-sample loss) of ``x`` at w*."""
+    ce = nn.CrossEntropyLoss(reduction="none")
+    with torch.no_grad():
+        ce(model(x), y)
+        t = time.perf_counter()
+        for _ in range(repeats):
+            ce(model(x), y)
+    return (time.perf_counter() - t) / repeats
+
+
+def memory_run(probes: int, draws: int, chains: int) -> dict:
+    """One estimate with probes (run in a subprocess): recorder state bytes and peak RSS."""
+    model, (x, y) = setup()
+    rec = ProbeLosses((x[:probes], y[:probes]), chains)
+    estimate_llc(model, (x, y), nn.functional.cross_entropy, num_chains=chains,
+                 num_draws=draws, recorders=[rec], **OPTIONS)
+    m = rec.moments
+    state = sum(t.numel() * t.element_size() for t in (m.count, m.mean_rows, m.mean_cols,
+                                                        m.var_rows, m.var_cols, m.cross))
+    return {"state_bytes": state,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--probes", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.memory_child:
+        print(json.dumps(memory_run(*args.memory_child)))
+        return
+    model, (x, y) = setup()
+    ce = nn.functional.cross_entropy
+    kw = dict(num_chains=args.chains, num_draws=args.draws, **OPTIONS)
+    plain = timed(lambda: estimate_llc(model, (x, y), ce, **kw))
+    print(f"plain λ̂: {plain:.2f} s for {args.chains} chains × {args.draws} draws "
+          f"(batch {OPTIONS['batch_size']})")
+    print(f"{'P':>6} {'ratio':>7} {'target':>7} {'within':>6}")
+    for p in args.probes:
+        rec_time = timed(lambda p=p: estimate_llc(
+            model, (x, y), ce, recorders=[ProbeLosses((x[:p], y[:p]), args.chains)], **kw))
+        extra = args.draws * args.chains * forward_time(model, x[:p], y[:p])
+        ratio, target = rec_time / plain, 1 + extra / plain
+        print(f"{p:>6} {ratio:7.3f} {target:7.3f} {'yes' if ratio <= target else 'no':>6}")
+    p = args.probes[-1]
+    rows = []
+    for draws in (args.draws, 4 * args.draws):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", str(p), str(draws),
+                              str(args.chains)], capture_output=True, text=True, check=True)
+        rows.append((draws, json.loads(out.stdout.strip().splitlines()[-1])))
+    for draws, r in rows:
+        print(f"memory, P={p}, {draws} draws: recorder state {r['state_bytes'] / 2**20:.2f} MiB, "
+              f"peak RSS {r['peak_rss_mb']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
