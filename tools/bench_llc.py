@@ -6,6 +6,8 @@ one run, so it can be compared across machines.
     python tools/bench_llc.py --quick    # smaller, for a smoke run
     python tools/bench_llc.py --device cuda
     python tools/bench_llc.py --skip-speed --step-scale 2   # why the auto step is not larger
+    python tools/bench_llc.py --transformer   # the two transformers at a trained checkpoint
+    python tools/bench_llc.py --transformer --checkpoint icl=run/last.ckpt   # a given snapshot
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import pickle
 import time
 
 import torch
 from torch import nn
 
-from devinterp import estimate_llc
+from devinterp import LLCResult, estimate_llc
+from devinterp.llc.data import LossFn
 from devinterp.models import (
     SeparableSum,
     deep_linear_network,
@@ -43,29 +47,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+#: The clock of every timing: this process's CPU time on a CPU-only run (one torch thread, so
+#: it is the work done, unchanged by other processes sharing the cores; wall time is not),
+#: wall time when an accelerator does the work.
+CLOCK = {"cpu": time.process_time}
+
+
+def now(device: torch.device) -> float:
+    """Seconds on the clock used for ``device`` (see :data:`CLOCK`), after a device sync."""
+    sync(device)
+    return CLOCK.get(device.type, time.perf_counter)()
+
+
 def bare_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chains: int, steps: int,
-              batch: int, eps: float, nbeta: float, gamma: float) -> float:
+              batch: int, eps: float, nbeta: float, gamma: float,
+              loss_fn: LossFn = gaussian_nll) -> float:
     """The minimal sequential SGLD loop: per chain, per step, one forward and backward."""
-    sync(x.device)
-    t0 = time.perf_counter()
+    t0 = now(x.device)
     for c in range(chains):
         net = copy.deepcopy(model)
         anchor = [p.detach().clone() for p in net.parameters()]
         g = torch.Generator(device=x.device).manual_seed(c)
         for _ in range(steps):
             idx = torch.randint(len(x), (batch,), generator=g, device=x.device)
-            loss = gaussian_nll(net(x[idx]), y[idx])
+            loss = loss_fn(net(x[idx]), y[idx])
             grads = torch.autograd.grad(loss, list(net.parameters()))
             with torch.no_grad():
                 for w, gr, w0 in zip(net.parameters(), grads, anchor, strict=True):
                     w.add_(-(eps / 2) * (nbeta * gr + gamma * (w - w0))
                            + math.sqrt(eps) * torch.randn_like(w))
-    sync(x.device)
-    return time.perf_counter() - t0
+    return now(x.device) - t0
 
 
 def vmapped_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chains: int, steps: int,
-                 batch: int, eps: float, nbeta: float, gamma: float) -> float:
+                 batch: int, eps: float, nbeta: float, gamma: float,
+                 loss_fn: LossFn = gaussian_nll) -> float:
     """The minimal loop with chains batched by torch.func.vmap (no baseline, no diagnostics)."""
     from torch.func import functional_call, grad, vmap
 
@@ -74,27 +90,25 @@ def vmapped_loop(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, chains: 
     w = {k: v.clone() for k, v in anchor.items()}
 
     def loss(p, xb, yb):
-        return gaussian_nll(functional_call(model, p, (xb,)), yb)
+        return loss_fn(functional_call(model, p, (xb,)), yb)
 
     vgrad = vmap(grad(loss), in_dims=(0, None, None))
     g = torch.Generator(device=x.device).manual_seed(0)
-    sync(x.device)
-    t0 = time.perf_counter()
+    t0 = now(x.device)
     for _ in range(steps):
         idx = torch.randint(len(x), (batch,), generator=g, device=x.device)
         gr = vgrad(w, x[idx], y[idx])
         w = {k: v - (eps / 2) * (nbeta * gr[k] + gamma * (v - anchor[k]))
              + math.sqrt(eps) * torch.randn_like(v) for k, v in w.items()}
-    sync(x.device)
-    return time.perf_counter() - t0
+    return now(x.device) - t0
 
 
-def timed_estimate(model, data, **kw) -> tuple[float, object]:
-    sync(data[0].device)
-    t0 = time.perf_counter()
-    r = estimate_llc(model, data, gaussian_nll, **kw)
-    sync(data[0].device)
-    return time.perf_counter() - t0, r
+def timed_estimate(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor],
+                   loss_fn: LossFn = gaussian_nll, **kw) -> tuple[float, LLCResult]:
+    """Wall time of one ``estimate_llc`` call (device work included) and its result."""
+    t0 = now(data[0].device)
+    r = estimate_llc(model, data, loss_fn, **kw)
+    return now(data[0].device) - t0, r
 
 
 def speed(name: str, widths: list[int], device: torch.device, chains: int, draws: int,
@@ -183,6 +197,145 @@ def accuracy(device: torch.device, quick: bool, sampler: str, step_scale: float 
     print(f"  worst relative error: {worst:.1%}")
 
 
+#: The project's transformers: experiment class and config (model, sampler settings).
+TRANSFORMERS = {
+    "icl": ("in-context regression", "experiments.icl_regression", "InContextRegression",
+            "configs/icl_regression.yaml"),
+    "induction": ("induction LM", "experiments.induction_lm", "InductionLM",
+                  "configs/induction_lm.yaml"),
+}
+
+
+def load_transformer(key: str, checkpoint: str | None, train_steps: int
+                     ) -> tuple[nn.Module, dict, str]:
+    """The model of ``TRANSFORMERS[key]`` from its config, at a trained checkpoint: the
+    snapshot at ``checkpoint`` (a Lightning .ckpt or a state dict), else trained here with
+    Adam for ``train_steps`` steps. Also returns the config's LLCCallback settings."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    _, module, cls, config = TRANSFORMERS[key]
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / config).read_text())
+    hp = cfg["model"]["init_args"]
+    llc = next(c["init_args"] for c in cfg["trainer"]["callbacks"]
+               if c["class_path"].endswith("LLCCallback"))
+    torch.manual_seed(0)
+    model = getattr(importlib.import_module(module), cls)(**hp)
+    if checkpoint is not None:
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        except (OSError, RuntimeError, AttributeError, pickle.UnpicklingError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"--checkpoint {key}={checkpoint}: not a snapshot of {cls} as "
+                             f"{config} builds it ({first[:160]}); pass a Lightning .ckpt or "
+                             "a state dict of that model") from e
+        return model.eval(), llc, f"snapshot {checkpoint}"
+    x, y = model.train_dataset.tensors
+    opt = torch.optim.Adam(model.parameters(), lr=hp["lr"])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(train_steps):
+        idx = torch.randint(len(x), (hp["batch_size"],), generator=g)
+        loss = model.loss_fn(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        loss = model.loss_fn(model(x[:1024]), y[:1024])
+    return model.eval(), llc, f"trained {train_steps} Adam steps, loss {loss.item():.3g}"
+
+
+class StepClock:
+    """A recorder (``estimate_llc(recorders=[...])``) that times the sampling loop itself:
+    the seconds per step between the first and the last draw, so the call's fixed costs
+    (checks, the per-sample baseline cache, summaries) are left out and reported apart."""
+
+    def __init__(self, num_draws: int) -> None:
+        self.num_draws = num_draws
+        self.first = self.last = 0.0
+
+    def on_draw(self, draw: int, chains, position, losses, baseline, batch) -> None:
+        if draw in (0, self.num_draws - 1):
+            t = now(losses.device)
+            if draw == 0:
+                self.first = t
+            else:
+                self.last = t
+
+    def per_step(self) -> float:
+        return (self.last - self.first) / (self.num_draws - 1)
+
+
+def loop_and_fixed(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], draws: int,
+                   **kw) -> tuple[float, float]:
+    """(seconds per sampling step, fixed seconds of the call) of one ``estimate_llc`` call."""
+    clock = StepClock(draws)
+    t0 = now(data[0].device)
+    estimate_llc(model, data, num_draws=draws, recorders=[clock], **kw)
+    total = now(data[0].device) - t0
+    return clock.per_step(), total - (draws + 1) * clock.per_step()
+
+
+def transformer_speed(name: str, model: nn.Module, llc: dict, origin: str,
+                      device: torch.device, chains: int, draws: int) -> None:
+    """Estimator vs bare loops on one of the project's transformers, at the config's fixed
+    step (nβ, γ, ε and batch of its LLCCallback). The paired baseline L_B(w*), which a bare
+    loop does not compute, is shown apart: ``batch_loss=`` always pays it (one forward at w*
+    per step); ``loss_fn=`` replaces it by a per-sample cache when that is cheaper."""
+    model = model.to(device)
+    x, y = (t.to(device) for t in model.train_dataset.tensors)
+    loss_fn = model.loss_fn
+    d = sum(p.numel() for p in model.parameters())
+    eps, gamma, nbeta, batch = (float(llc["step_size"]), float(llc["localization"]),
+                                float(llc["nbeta"]), int(llc["batch_size"]))
+    common = dict(num_chains=chains, batch_size=batch, nbeta=nbeta, localization=gamma,
+                  device=device, seed=0, step_size=eps, num_burnin=0)
+
+    def batch_loss(forward, b):  # the same loss, through the path that is never cached
+        return loss_fn(forward(b[0]), b[1])
+
+    # warm-up: lazy initialisation and first calls of every path
+    estimate_llc(model, (x, y), loss_fn, num_draws=2, **common)
+    estimate_llc(model, (x, y), batch_loss=batch_loss, num_draws=2, **common)
+    kw = dict(chains=chains, steps=draws, batch=batch, eps=eps, nbeta=nbeta, gamma=gamma,
+              loss_fn=loss_fn)
+    vmapped_loop(model, x, y, **{**kw, "steps": 2})
+    t_bare = bare_loop(model, x, y, **kw) / draws
+    t_vmap = vmapped_loop(model, x, y, **kw) / draws
+    t_fwd = _baseline_forward(model, x, y, loss_fn, batch, draws)
+    sgld, sgld_fixed = loop_and_fixed(model, (x, y), draws, loss_fn=loss_fn, sampler="sgld",
+                                      **common)
+    default, _ = loop_and_fixed(model, (x, y), draws, loss_fn=loss_fn, **common)
+    paired, paired_fixed = loop_and_fixed(model, (x, y), draws, batch_loss=batch_loss,
+                                          sampler="sgld", **common)
+    print(f"\n{name}: {d:,} parameters ({origin}), {chains} chains x {draws} draws, "
+          f"batch {batch}, eps={eps:g}, nβ={nbeta:g}, γ={gamma:g}, {device}")
+    print(f"  bare sequential loop               {1e3 * t_bare:8.2f} ms/step (all chains)")
+    print(f"  bare vmapped loop                  {1e3 * t_vmap:8.2f} ms/step")
+    for label, t in [("estimate_llc (sgld)", sgld), ("estimate_llc (default sampler)", default),
+                     ("sgld, paired baseline (batch_loss)", paired)]:
+        print(f"  {label:<34} {1e3 * t:8.2f} ms/step   ratio to bare sequential "
+              f"{t / t_bare:5.2f}x   to bare vmapped {t / t_vmap:5.2f}x")
+    print(f"  one forward at w* (the baseline)   {1e3 * t_fwd:8.2f} ms/step "
+          f"({t_fwd / t_vmap:.1%} of a bare vmapped step)")
+    print(f"  fixed cost per call                {sgld_fixed:8.3f} s with loss_fn, "
+          f"{paired_fixed:.3f} s with batch_loss (the difference: the per-sample cache)")
+
+
+def _baseline_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
+                      batch: int, steps: int) -> float:
+    """Seconds per minibatch loss at w* without gradient: the paired baseline's cost."""
+    g = torch.Generator(device=x.device).manual_seed(0)
+    t0 = now(x.device)
+    with torch.no_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(x), (batch,), generator=g, device=x.device)
+            loss_fn(model(x[idx]), y[idx])
+    return (now(x.device) - t0) / steps
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -196,10 +349,36 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: on a shared 2-core machine more threads "
                         "spin-wait on each other and every variant slows down erratically)")
+    p.add_argument("--transformer", action="store_true",
+                   help="estimator vs bare loops on the in-context regression transformer and "
+                        "the induction LM at a trained checkpoint (8 chains), instead of the "
+                        "MLPs and the accuracy table")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
+                   help="with --transformer: time MODEL (icl or induction) at this snapshot "
+                        "(Lightning .ckpt or state dict) instead of training it here")
+    p.add_argument("--train-steps", type=int, default=300,
+                   help="with --transformer: Adam steps to reach the checkpoint (default 300)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     draws = 50 if args.quick else 200
+    if args.transformer:
+        snapshots = {}
+        for item in args.checkpoint:
+            key, sep, path = item.partition("=")
+            if not sep or key not in TRANSFORMERS:
+                p.error(f"--checkpoint {item!r}: write MODEL=PATH with MODEL one of "
+                        f"{', '.join(TRANSFORMERS)}")
+            snapshots[key] = path
+        for key in TRANSFORMERS:
+            try:
+                loaded = load_transformer(key, snapshots.get(key),
+                                          30 if args.quick else args.train_steps)
+            except ValueError as e:
+                p.error(str(e))
+            transformer_speed(TRANSFORMERS[key][0], *loaded, device, 8,
+                              5 if args.quick else 100)
+        return
     if not args.skip_speed:
         speed("~10k-parameter MLP", [32, 128, 64, 10], device, 4, draws, 256)
         speed("~1M-parameter MLP", [256, 1024, 512, 10] if not args.quick else [256, 512, 10],
