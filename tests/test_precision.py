@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from llc_models import Tiny, trainer
 
 from devinterp import LLCCallback, load_run
 
 
+@pytest.mark.slow
 def test_bf16_true_training_gets_finite_lambda_rows(tmp_path):
     """Trainer(precision="bf16-true") keeps bf16 weights while the training data are float32;
     the callback crashed on that dtype mismatch, and bf16 steps rounded back to w* (λ̂ ≈ 0)."""
