@@ -428,7 +428,6 @@ def _discover(store: RunStore, report: EstimateReport) -> list[Source]:
     return [found[s] for s in sorted(found)]
 
 
-
 def write_stages_or_warn(run_dir: str | os.PathLike) -> list[dict]:
     """Detect the stages of the λ̂ curve and write ``stages.json`` (as inline training does at
     its end); a failure is a warning on stderr, not an error: the λ̂ rows are saved."""
