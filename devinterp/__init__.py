@@ -33,6 +33,7 @@ _EXPORTS = {
     "detect_stages": "devinterp.stages",
     "estimate_bif": "devinterp.influence",
     "BIFResult": "devinterp.influence",
+    "estimate_susceptibilities": "devinterp.susceptibility",
 }
 
 __all__ = sorted(_EXPORTS)

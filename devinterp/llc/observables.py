@@ -28,12 +28,20 @@ from torch.utils.data._utils.collate import default_collate
 from devinterp.llc.data import to_device
 from devinterp.llc.problem import Problem, at_weights, first_line
 
-__all__ = ["DEFAULT_PROBE_CHUNK", "ProbeLosses", "ProbeMoments", "probe_chunks"]
+__all__ = ["DEFAULT_PROBE_CHUNK", "ProbeLosses", "ProbeMoments", "ProbeSets", "probe_chunks",
+           "probe_count"]
 
 #: Probe samples evaluated in one forward pass per chain (all chains of a chunk together).
 DEFAULT_PROBE_CHUNK = 512
 #: Draws buffered per chain before they are merged into the running moments.
 _BLOCK = 32
+
+
+@dataclass(frozen=True)
+class ProbeSets:
+    """Several probe sets evaluated as one, in order (probe indices run through them)."""
+
+    parts: tuple[Any, ...]
 
 
 def probe_chunks(probes: Any, chunk_size: int = DEFAULT_PROBE_CHUNK) -> list[Any]:
@@ -42,6 +50,8 @@ def probe_chunks(probes: Any, chunk_size: int = DEFAULT_PROBE_CHUNK) -> list[Any
     order with its ``collate_fn``; never shuffled: probe i must stay probe i)."""
     if chunk_size < 1:
         raise ValueError(f"probe_chunk_size must be at least 1, got {chunk_size}")
+    if isinstance(probes, ProbeSets):
+        return [c for part in probes.parts for c in probe_chunks(part, chunk_size)]
     if isinstance(probes, TensorDataset) and len(probes.tensors) == 2:
         probes = tuple(probes.tensors)
     if isinstance(probes, (tuple, list)) and len(probes) == 2 and all(
@@ -69,6 +79,11 @@ def probe_chunks(probes: Any, chunk_size: int = DEFAULT_PROBE_CHUNK) -> list[Any
     if not chunks or sum(_rows(c) for c in chunks) == 0:
         raise ValueError("probes are empty: pass at least one probe sample")
     return chunks
+
+
+def probe_count(chunks: Sequence[Any]) -> int:
+    """The number of probe samples in collated ``chunks`` (from :func:`probe_chunks`)."""
+    return sum(_rows(c) for c in chunks)
 
 
 def _rows(batch: Any) -> int:
@@ -162,6 +177,9 @@ class ProbeLosses:
             the probes first, then the query samples).
         rows, cols: instead, indices into the probes whose cross-covariance is accumulated
             (default: all × all).
+        reduce: a (probes, observables) matrix: each draw's probe losses are first mapped to
+            linear observables ``losses @ reduce`` (e.g. the mean loss of groups of probes);
+            ``rows``/``cols`` then index those observables, and so does the trace.
         loss_fn: ``loss_fn(outputs, targets)``, applied to each probe sample as a batch of one
             (default: the estimate's ``loss_fn``).
         batch_loss: instead, ``batch_loss(forward, batch)`` applied to each sample of a batch
@@ -177,7 +195,7 @@ class ProbeLosses:
                  rows: Sequence[int] | None = None, cols: Sequence[int] | None = None,
                  loss_fn: Any = None, batch_loss: Any = None,
                  chunk_size: int = DEFAULT_PROBE_CHUNK, keep_trace: bool = False,
-                 first_chain: int = 0) -> None:
+                 first_chain: int = 0, reduce: Tensor | None = None) -> None:
         self.chunks = probe_chunks(probes, chunk_size)
         self.num_probes = sum(_rows(c) for c in self.chunks)
         everything = range(self.num_probes)
@@ -190,17 +208,25 @@ class ProbeLosses:
             cols = range(self.num_probes, self.num_probes + sum(_rows(c) for c in more))
             self.chunks += more
             self.num_probes = cols.stop
-            everything = range(self.num_probes)
+        self.reduce = None if reduce is None else torch.as_tensor(reduce)
+        if self.reduce is not None:
+            if self.reduce.dim() != 2 or self.reduce.shape[0] != self.num_probes:
+                raise ValueError(f"reduce must be a (probes, observables) matrix with "
+                                 f"{self.num_probes} rows, got shape {tuple(self.reduce.shape)}")
+            if query is not None:
+                raise ValueError("pass either query= or reduce=, not both")
+        width = self.num_probes if self.reduce is None else self.reduce.shape[1]
+        everything = range(width)
         self.rows = torch.as_tensor(list(everything if rows is None else rows),
                                     dtype=torch.long)
         self.cols = torch.as_tensor(list(everything if cols is None else cols),
                                     dtype=torch.long)
         for name, ix in (("rows", self.rows), ("cols", self.cols)):
-            if ix.numel() == 0 or int(ix.min()) < 0 or int(ix.max()) >= self.num_probes:
-                raise ValueError(f"{name} must be non-empty indices into the "
-                                 f"{self.num_probes} probe samples")
-        self._all_rows = self.rows.equal(torch.arange(self.num_probes))
-        self._all_cols = self.cols.equal(torch.arange(self.num_probes))
+            if ix.numel() == 0 or int(ix.min()) < 0 or int(ix.max()) >= width:
+                raise ValueError(f"{name} must be non-empty indices into the {width} "
+                                 "probe observables")
+        self._all_rows = self.rows.equal(torch.arange(width))
+        self._all_cols = self.cols.equal(torch.arange(width))
         self.num_chains, self.first_chain = num_chains, first_chain
         self.loss_fn, self.batch_loss = loss_fn, batch_loss
         self.keep_trace = keep_trace
@@ -223,6 +249,8 @@ class ProbeLosses:
             self.loss_fn, self.batch_loss = problem.loss_fn, problem.batch_loss
         acc = torch.device("cpu") if dev.type == "mps" else dev
         self.rows, self.cols = self.rows.to(acc), self.cols.to(acc)
+        if self.reduce is not None:
+            self.reduce = self.reduce.to(acc, anchor_dtype)
         self.moments = ProbeMoments.zeros(self.num_chains, len(self.rows), len(self.cols), acc)
         self._vectorized = self._vmap_works()
         self._check_matches_batch_loss()
@@ -300,6 +328,8 @@ class ProbeLosses:
             self.flush()
             self._buffer_chains = key
         values = self.losses_at(position).to(self.rows.device)
+        if self.reduce is not None:
+            values = values @ self.reduce
         self._buffer.append(values)
         if self.keep_trace:
             for c, row in zip(chains, values.float().cpu(), strict=True):
