@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
+from devinterp.config import SamplerConfig
 from devinterp.llc import estimate_llc
 from devinterp.llc.data import LossFn
 from devinterp.llc.observables import DEFAULT_PROBE_CHUNK, ProbeLosses
@@ -136,8 +137,7 @@ def estimate_bif(
     indices = None
     if train is None:
         train, indices = subsample(data, num_train, int(options.get("seed", 0)))
-    num_chains = int(options.get("num_chains") or inspect.signature(
-        estimate_llc).parameters["num_chains"].default)
+    num_chains = int(options.get("num_chains") or SamplerConfig().num_chains)
     first_chain = int(options.get("first_chain", 0))
     recorder = ProbeLosses(train, num_chains, query=None if train is query else query,
                            chunk_size=probe_chunk_size, first_chain=first_chain)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from devinterp.config import SamplerConfig
 from devinterp.influence import DEFAULT_NUM_TRAIN, subsample
 from devinterp.llc import estimate_llc
 from devinterp.llc.data import LossFn
@@ -97,7 +98,7 @@ def estimate_susceptibilities(
     for j, size in enumerate(sizes):
         reduce[start : start + size, j] = 1.0 / size
         start += size
-    num_chains = int(options.get("num_chains") or 8)
+    num_chains = int(options.get("num_chains") or SamplerConfig().num_chains)
     rows, llcs = [], {}
     for name, patterns in named.items():
         rec = ProbeLosses(ProbeSets(tuple(parts)), num_chains, rows=[0],

@@ -257,3 +257,9 @@ def test_bad_input_is_named_with_the_fix():
         ProbeLosses((x, y), 2, rows=[64])
     with pytest.raises(ValueError, match="keep_trace=True"):
         ProbeLosses((x, y), 2).trace()
+    with pytest.raises(ValueError, match="reduce must be a .probes, observables. matrix"):
+        ProbeLosses((x, y), 2, reduce=torch.ones(63, 2))
+    with pytest.raises(ValueError, match="either query=.*or rows=/cols="):
+        ProbeLosses((x, y), 2, query=(x, y), rows=[0])
+    with pytest.raises(TypeError, match="probes must be a Dataset"):
+        ProbeLosses(x, 2)
