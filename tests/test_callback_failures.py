@@ -14,7 +14,7 @@ import torch
 from llc_models import FAST, Tiny, regression_data, trainer
 
 from devinterp import LLCCallback, load_run
-from devinterp.store import RunStore
+from devinterp.run.store import RunStore
 from devinterp.tracking import EstimateFailure, record_result, run_estimator
 
 

@@ -266,7 +266,7 @@ def test_metrics_recorder_keeps_changed_values_and_rows_a_failed_write_did_not_s
     again at later steps), and rows a failing write could not save are written by the next."""
     import torch
 
-    from devinterp.store import RunStore
+    from devinterp.run.store import RunStore
     from devinterp.tracking.loggers import MetricsRecorder
 
     rec, store = MetricsRecorder(), RunStore(tmp_path, create=True)

@@ -26,7 +26,7 @@ from devinterp.dashboard.figures import (
     stage_label,
 )
 from devinterp.dashboard.page import load_runs, run_names, trace_payload
-from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore, load_run
+from devinterp.run.store import SETTINGS_FILE, STAGES_FILE, RunStore, load_run
 
 STEPS = [0, 10, 100, 1000, 10000]
 STAGES = [

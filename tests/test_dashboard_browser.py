@@ -19,7 +19,7 @@ import pytest
 from test_dashboard import MALICIOUS, STEPS, write_run
 
 from devinterp.dashboard import DashboardServer, build_html
-from devinterp.store import RunStore
+from devinterp.run.store import RunStore
 
 pytestmark = pytest.mark.browser
 
@@ -383,7 +383,7 @@ def test_log_loss_axis_labels_never_collide(browser: Any, tmp_path: Path,
 def test_empty_run_page_placeholders_do_not_overlap(browser: Any, tmp_path: Path) -> None:
     """A run that has just started (settings.json only), as the server shows it."""
     from devinterp.dashboard import build_page, render_html
-    from devinterp.store import load_run
+    from devinterp.run.store import load_run
 
     store = RunStore(tmp_path / "r", create=True)
     store.write_json("settings.json", {"num_chains": 4})

@@ -20,7 +20,7 @@ from test_dashboard import RHAT_WARNING, write_run
 from devinterp import cli
 from devinterp.dashboard import DashboardServer, build_page
 from devinterp.dashboard.server import host_name
-from devinterp.store import RunStore, load_run
+from devinterp.run.store import RunStore, load_run
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import torch
 from llc_models import FAST, Tiny
 
 from devinterp import LLCCallback, load_run
-from devinterp.posthoc import estimate_run
-from devinterp.store import LLC_FILE, TRACE_DIR
+from devinterp.run.estimate import estimate_run
+from devinterp.run.store import LLC_FILE, TRACE_DIR
 from devinterp.tracking import chain_range
 
 

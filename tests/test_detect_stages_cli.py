@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from devinterp import cli
+from devinterp.run.store import STAGES_FILE, RunStore, load_run
 from devinterp.stages import detect_and_write, log_step
-from devinterp.store import STAGES_FILE, RunStore, load_run
 from devinterp.synthetic import language_model_transitions, planted_llc_curve
 
 ROOT = Path(__file__).resolve().parents[1]

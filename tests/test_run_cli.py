@@ -427,8 +427,8 @@ def test_threads_flag_overrides_the_configs_torch_threads(capsys, config, tmp_pa
 def test_stages_are_detected_and_written_once_per_run(capsys, config, tmp_path, monkeypatch):
     """Inline training ends with the callback detecting the stages and writing stages.json;
     `devinterp run` reads those back instead of fitting the detector and writing again."""
+    from devinterp.run.store import STAGES_FILE, RunStore
     from devinterp.stages.base import Detector
-    from devinterp.store import STAGES_FILE, RunStore
 
     fits, writes = [], []
     real_fit, real_write = Detector.fit, RunStore.write_json

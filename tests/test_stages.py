@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import ruptures as rpt
 
+from devinterp.run.store import STAGES_FILE, RunStore, load_run
 from devinterp.stages import (
     MAX_POINTS,
     ChangePoints,
@@ -24,7 +25,6 @@ from devinterp.stages import (
 )
 from devinterp.stages.costs import WeightedLinearCost
 from devinterp.stages.points import _bin_points, _Points
-from devinterp.store import STAGES_FILE, RunStore, load_run
 from devinterp.synthetic import (
     Transition,
     checkpoint_steps,

@@ -20,7 +20,7 @@ from plain_modules import DictClassifier, Regressor
 from torch import nn
 
 from devinterp import LLCCallback, load_run
-from devinterp.posthoc import main
+from devinterp.cli.estimate import main
 from devinterp.tracking import LossSpec, TrainingStepLoss, module_loss, track_llc
 
 FAST_FLAGS = ["--num-chains", "2", "--num-draws", "10", "--num-burnin", "5", "--step-size",

@@ -31,7 +31,7 @@ from screenshot_dashboard import CHROMIUM, CHROMIUM_ARGS  # tools/, next to this
 
 from devinterp.dashboard import build_html, build_page
 from devinterp.dashboard.page import plotly_js
-from devinterp.store import SETTINGS_FILE, STAGES_FILE, RunStore, _atomic_write_bytes, load_run
+from devinterp.run.store import SETTINGS_FILE, STAGES_FILE, RunStore, atomic_write_bytes, load_run
 
 #: Stage ends and λ̂ changes of the language-model run in Hoogland et al. 2024, arXiv 2402.02364.
 STAGE_ENDS = [900, 6500, 8500, 17000, 50000]
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote synthetic runs in {time.perf_counter() - t:.1f} s under {work}")
 
     baseline = work / "plotly_only.html"
-    _atomic_write_bytes(baseline, (
+    atomic_write_bytes(baseline, (
         "<!DOCTYPE html><html><body><div id='g'></div><script>" + plotly_js() + "</script>"
         "<script>window.__scriptAt = performance.now(); Plotly.newPlot('g', [{x: [1, 10], y: [1, 2]}], {xaxis: {type: 'log'}})"
         ".then(function () { window.__drawnAt = performance.now(); });</script></body></html>"
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         text = build_html(runs)
         build_s = time.perf_counter() - t
         out = work / file
-        _atomic_write_bytes(out, text.encode("utf-8"))
+        atomic_write_bytes(out, text.encode("utf-8"))
         cases.append((label, out, build_s))
 
     rows = []

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from devinterp.dashboard import build_html
-from devinterp.store import _atomic_write_bytes
+from devinterp.run.store import atomic_write_bytes
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -50,7 +50,7 @@ def screenshot(run_dirs: list[Path], out: Path, *, section: str = "overview",
                 png = page.locator(f"#{section}").screenshot()
             browser.close()
     # Temp file + rename: a README picture is replaced whole or left as it was.
-    _atomic_write_bytes(out, png)
+    atomic_write_bytes(out, png)
     return out
 
 

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from devinterp.cli import UsageError
 from devinterp.cli.run import CONFIG_FILE, LOG_DIR, PROG, condense_error
-from devinterp.store import RunStore
+from devinterp.run.store import RunStore
 
 __all__ = ["ExperimentCLI", "build_cli"]
 

@@ -428,7 +428,7 @@ def _overrides(values: dict[str, str]) -> list[str]:
 
 def summarize(run_dir: Path) -> dict[str, Any]:
     """Final training loss (and validation loss), final λ̂ and number of stages of a run."""
-    from devinterp.store import load_run
+    from devinterp.run.store import load_run
 
     run = load_run(run_dir)
     row: dict[str, Any] = {}
@@ -453,7 +453,7 @@ def run_sweep(config: Path, overrides: list[str], sweeps: list[tuple[str, list[s
     """Run every combination in ``run_dir/<name>``; write ``summary.csv`` and the comparison."""
     import pandas as pd
 
-    from devinterp.store import RunStore
+    from devinterp.run.store import RunStore
 
     points = sweep_points(sweeps)
     with _quiet():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from devinterp.cli import ArgumentParser, add_threads_argument, apply_threads
+from devinterp.run.store import STAGES_FILE
 from devinterp.stages import (
     DEFAULT_METHOD,
     METHODS,
@@ -27,7 +28,6 @@ from devinterp.stages import (
     make_detector,
     write_stages,
 )
-from devinterp.store import STAGES_FILE
 
 __all__ = ["main"]
 

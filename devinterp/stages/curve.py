@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from devinterp.run.store import Run, load_run
 from devinterp.stages.points import log_step
-from devinterp.store import Run, load_run
 
 __all__ = ["curve_frame", "loss_at"]
 

@@ -20,7 +20,7 @@ def detect_stages(curve: Any, *, method: str = "auto", **options: Any) -> list[d
     """Developmental stages of a λ̂ curve.
 
     Args:
-        curve: a :class:`devinterp.store.Run`, a DataFrame with ``step, llc_mean`` (optional
+        curve: a :class:`devinterp.run.store.Run`, a DataFrame with ``step, llc_mean`` (optional
             ``llc_std``, ``loss``), or a path to a run directory or such a CSV. For a run, the
             loss is ``run.metrics``' ``train_loss`` (else ``loss``, else the first ``*loss*``
             column) taken at the λ̂ steps.

@@ -12,9 +12,9 @@ import os
 import warnings
 from typing import Any
 
+from devinterp.run.store import STAGES_FILE, RunStore
 from devinterp.stages.detect import detect_stages
 from devinterp.stages.methods import DEFAULT_METHOD, make_detector
-from devinterp.store import STAGES_FILE, RunStore
 
 __all__ = ["conflicting_stages", "detect_and_write", "read_stages", "write_stages"]
 

@@ -16,7 +16,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from devinterp.config import SamplerConfig
-from devinterp.store import SETTINGS_FILE, RunStore
+from devinterp.run.store import SETTINGS_FILE, RunStore
 from devinterp.tracking.losses import estimating
 
 __all__ = ["ESTIMATOR_OPTIONS", "ROW_SETTINGS", "EstimateFailure", "chain_range", "describe",

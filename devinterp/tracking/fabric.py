@@ -27,7 +27,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from devinterp.config import SamplerConfig
-from devinterp.store import SETTINGS_FILE, RunStore
+from devinterp.run.store import SETTINGS_FILE, RunStore
 from devinterp.tracking.estimate import (
     EstimateFailure,
     record_result,

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from devinterp.store import RUN_FILE, RunStore
+from devinterp.run.store import RUN_FILE, RunStore
 from devinterp.tracking.estimate import iter_floats
 
 __all__ = ["LoggerGuard", "MetricsRecorder", "log_metrics", "setup_wandb"]

@@ -1,5 +1,5 @@
 """What ``run.json`` records so ``devinterp estimate`` can rebuild the model, data and loss of a
-run in another process (its reader is :mod:`devinterp.posthoc`, which checks these keys).
+run in another process (its reader is :mod:`devinterp.run.rebuild`, which checks these keys).
 
 Keys: ``name``, ``module`` (``"package.module:Class"``), ``module_file`` (the script of a class
 defined in ``__main__``), ``hparams``, ``data`` (``{"kind": "file" | "module_attr" |
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from devinterp.store import RUN_FILE, RunStore
+from devinterp.run.store import RUN_FILE, RunStore
 from devinterp.tracking.losses import LossSpec
 
 __all__ = ["DATA_FILE", "MAX_SAVED_DATA_BYTES", "data_recipe", "import_path", "loss_recipe",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from devinterp.store import LLC_FILE, RunStore
+from devinterp.run.store import LLC_FILE, RunStore
 from devinterp.tracking.loggers import Warn, log_metrics
 
 __all__ = ["attach_dashboard", "log_stages"]

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from devinterp import load_run
-from devinterp.store import LLC_FILE, RunStore
+from devinterp.run.store import LLC_FILE, RunStore
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_table(tmp_path, kill, modul
 WRITER = textwrap.dedent(
     """
     import sys
-    from devinterp.store import RunStore
+    from devinterp.run.store import RunStore
     store = RunStore(sys.argv[1])
     for i in range(int(sys.argv[2])):
         store.write_llc_row({"step": i, "llc_mean": float(i), "llc_std": 0.0,
@@ -134,7 +134,7 @@ def test_two_processes_writing_one_table_lose_and_duplicate_nothing(tmp_path):
     code = textwrap.dedent(
         """
         import sys
-        from devinterp.store import RunStore
+        from devinterp.run.store import RunStore
         store, parity = RunStore(sys.argv[1]), int(sys.argv[2])
         for step in range(parity, 120, 2):
             store.write_llc_row({"step": step, "llc_mean": float(step), "llc_std": 0.0})
