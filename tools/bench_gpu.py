@@ -105,8 +105,9 @@ def compare(name: str, model: nn.Module, data: tuple[Tensor, Tensor], loss_fn: L
     bench_llc.vmapped_loop(model, x, y, steps=2, **kw)  # warm-up
     estimate_llc(model, data, num_draws=2, sampler="sgld", **common)
     t_vmap = bench_llc.vmapped_loop(model, x, y, steps=draws, **kw) / draws
-    sgld, fixed = bench_llc.loop_and_fixed(model, data, draws, sampler="sgld", **common)
-    default, _ = bench_llc.loop_and_fixed(model, data, draws, **common)
+    sgld, fixed, cached = bench_llc.loop_and_fixed(model, data, draws, sampler="sgld",
+                                                   **common)
+    default, _, _ = bench_llc.loop_and_fixed(model, data, draws, **common)
     chunk = auto_chunk(model, data, loss_fn, CHAINS, batch, device)
     print(f"\n{name}: {d:,} parameters, {CHAINS} chains x {draws} draws, batch {batch}, "
           f"eps={eps:g}, {device}")
@@ -114,7 +115,8 @@ def compare(name: str, model: nn.Module, data: tuple[Tensor, Tensor], loss_fn: L
     print(f"  estimate_llc (sgld)            {1e3 * sgld:9.2f} ms/step   ratio {sgld / t_vmap:5.2f}x")
     print(f"  estimate_llc (default sampler) {1e3 * default:9.2f} ms/step   "
           f"ratio {default / t_vmap:5.2f}x")
-    print(f"  fixed cost per call            {fixed:9.3f} s")
+    print(f"  fixed cost per call            {fixed:9.3f} s (paired baseline: "
+          f"{'per-sample cache' if cached else 'one forward per step'})")
     print(f"  chain_chunk_size from free memory: {chunk} of {CHAINS} chains; peak memory "
           f"{peak_memory(device)}")
 
@@ -159,7 +161,7 @@ def chain_steps_per_s(model: nn.Module, data: tuple[Tensor, Tensor], loss_fn: Lo
                       chains: int, draws: int, batch: int, eps: float, device: torch.device
                       ) -> float:
     """Chain-steps per second of estimate_llc's sampling loop (sgld, fixed ε)."""
-    step, _ = bench_llc.loop_and_fixed(
+    step, _, _ = bench_llc.loop_and_fixed(
         model, data, draws, loss_fn=loss_fn, num_chains=chains, batch_size=batch,
         nbeta=1000.0, localization=1.0, device=device, seed=0, step_size=eps,
         num_burnin=0, sampler="sgld")
