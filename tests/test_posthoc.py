@@ -248,6 +248,36 @@ def test_module_defined_in_a_training_script(tmp_path):
     assert (tmp_path / "trained.txt").read_text() == "trained\n"
 
 
+def test_a_script_that_imports_a_sibling_module_is_rebuilt(tmp_path):
+    """`--module path/train.py:Model` imports the script with its own folder on the path, as
+    `python train.py` had it (a raw ModuleNotFoundError before)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "model_defs.py").write_text("from llc_models import Tiny\n\n\nclass Net(Tiny):\n"
+                                           "    pass\n")
+    script = project / "train.py"
+    script.write_text(textwrap.dedent(f"""
+        from llc_models import trainer
+        from model_defs import Net
+        from devinterp import LLCCallback
+
+        class ScriptModel(Net):
+            pass
+
+        if __name__ == "__main__":
+            cb = LLCCallback({str(tmp_path / "run")!r}, every_n_train_steps=4, mode="deferred",
+                             progress=False)
+            trainer({str(tmp_path)!r}, [cb]).fit(ScriptModel())
+    """))
+    subprocess.run([sys.executable, str(script)], check=True, capture_output=True, cwd=project,
+                   env={**os.environ, "PYTHONPATH": str(TESTS)})
+    sys.modules.pop("model_defs", None)
+    assert str(project) not in sys.path
+    report = estimate_run(tmp_path / "run", module=f"{script}:ScriptModel", progress=False,
+                          **FAST)
+    assert report.estimated == [0, 4, 8]
+
+
 def test_wandb_receives_deferred_values_on_the_loss_axis(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     import wandb

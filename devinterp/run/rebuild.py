@@ -285,6 +285,11 @@ def load_object(spec: str) -> Any:
         name = f"_devinterp_user_{abs(hash(str(file.resolve())))}"
         module = sys.modules.get(name)
         if module is None:
+            # The script's own folder, as `python script.py` has it: its sibling modules
+            # (`from model_defs import Net`) import as they do in training.
+            folder = str(file.resolve().parent)
+            if folder not in sys.path:
+                sys.path.append(folder)
             spec_ = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(spec_)
             sys.modules[name] = module
