@@ -235,6 +235,9 @@ class DivergenceMonitor:
         return out
 
 
+# One loop, on purpose over the ~60-line budget: the order of a step (gradient, baseline,
+# divergence check, recorders, kernel step, MALA, model-NaN check, reset) is the algorithm, and
+# each of those is one call into its own object above.
 def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kernel,
                step_size: StepSize, nbeta: float, localization: float, num_burnin: int,
                num_draws: int, vectorize: bool, accept_every: int = 32, progress: Any = None,
