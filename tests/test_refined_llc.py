@@ -192,3 +192,29 @@ def test_bad_components_are_named_with_the_fix():
         estimate_refined_llc(model, data, gaussian_nll, components="neurons", **call)
     with pytest.raises(ValueError, match="found no attention heads in Sequential"):
         estimate_refined_llc(model, data, gaussian_nll, components="heads", **call)
+
+
+@pytest.mark.parametrize("how", ["joint", "grouped"])
+def test_joint_and_grouped_computations_give_the_same_draws(how):
+    """Every chain in one computation, or one per set of parameters: the draws are
+    estimate_llc's either way; components over the same tensor share a group."""
+    from devinterp.components import resolve_components
+    from devinterp.llc.refined import _Component, parameter_groups
+
+    model, data = small_regression()
+    comps = {**WHOLE, "half": {"0.weight": torch.arange(32).view(8, 4) % 2 == 0},
+             "other_half": {"0.weight": torch.arange(32).view(8, 4) % 2 == 1}}
+    got = estimate_refined_llc(model, data, gaussian_nll, components=comps, step_size=1e-3,
+                               grouping=how, **QUICK)
+    for name, weights in WHOLE.items():
+        ref = estimate_llc(model, data, gaussian_nll, weights=weights, step_size=1e-3, **QUICK)
+        np.testing.assert_allclose(got[name].llc_trace, ref.llc_trace, rtol=1e-5, atol=1e-6)
+        assert got[name].settings["components_run"] == how
+    # The two halves of one weight move different entries: different draws.
+    assert not np.allclose(got["half"].llc_trace, got["other_half"].llc_trace)
+    prob = type("P", (), {"device": torch.device("cpu")})()
+    members = [_Component(n, m, prob) for n, m in resolve_components(model, comps).items()]
+    assert [[c.name for c in m] for _, m in parameter_groups(members)] == [
+        ["last"], ["first_weight", "half", "other_half"], ["biases"]]
+    with pytest.raises(ValueError, match="grouping must be"):
+        estimate_refined_llc(model, data, gaussian_nll, components=comps, grouping="all")

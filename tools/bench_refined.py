@@ -1,12 +1,14 @@
 """K components × C chains in one ``estimate_refined_llc`` call against K separate
 ``estimate_llc(weights=...)`` calls, with the same draws.
 
-    python tools/bench_refined.py [--layers 4] [--width 32] [--chains 4] [--draws 100]
-                                  [--repeats 3] [--device cuda]
+    python tools/bench_refined.py [--layers 2] [--width 32] [--chains 4] [--draws 200]
+                                  [--batch 64 4] [--repeats 2] [--device cuda]
 
 The model is a small transformer (``experiments/transformer.py``, width 32, 4 heads) on a
 regression target; the components are its blocks and their MLPs (whole parameters, so both
-ways can express them: 2 × layers components). Each variant runs in a fresh process; the
+ways can express them: 2 × layers components). Each batch size is one configuration: 64
+(arithmetic dominates a step) and 4 (per-step overhead dominates). Each variant runs in a
+fresh process; the
 script prints the best wall time of each, their ratio (target ≤ 0.8 on CPU: data, baseline
 and Python overhead are shared), the peak memory of each (CPU: growth of the peak resident
 set over the process's baseline after building model and data; CUDA:
@@ -56,11 +58,12 @@ def child(args: argparse.Namespace) -> None:
     model, data = build(args)
     comps = {**layers(model), **mlps(model)}
     opts = dict(num_chains=args.chains, num_draws=args.draws, num_burnin=args.draws // 2,
-                step_size=1e-4, batch_size=64, sampler="sgld", seed=0, nbeta=100.0)
+                step_size=1e-4, batch_size=args.batch[0], sampler="sgld", seed=0, nbeta=100.0)
     base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times, traces = [], {}
+    times, traces, how = [], {}, ""
+
     for _ in range(args.repeats):
         t = time.perf_counter()
         if args.variant == "refined":
@@ -72,19 +75,21 @@ def child(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         traces = {k: r.llc_trace for k, r in out.items()}
+        how = next(iter(out.values())).settings.get("components_run", "")
     np.savez(args.save, **traces)
     print(json.dumps({"best_s": min(times), "peak_mb": peak_mb(args.device, base_kb),
-                      "components": len(comps),
+                      "components": len(comps), "how": how,
                       "params": sum(p.numel() for p in model.parameters())}))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--draws", type=int, default=100)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--draws", type=int, default=200)
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 4])
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--variant", choices=("refined", "separate"))
     p.add_argument("--save")
@@ -92,29 +97,35 @@ def main() -> None:
     if args.variant:
         child(args)
         return
+    for batch in args.batch:
+        compare(args, batch)
+
+
+def compare(args: argparse.Namespace, batch: int) -> None:
+    """Both variants at one batch size, each in a fresh process; print the table."""
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for variant in ("separate", "refined"):
             cmd = [sys.executable, __file__, "--variant", variant, "--save",
-                   f"{tmp}/{variant}.npz"] + [f"--{k}={getattr(args, k)}" for k in
-                                             ("layers", "width", "chains", "draws", "repeats",
-                                              "device")]
+                   f"{tmp}/{variant}.npz", f"--batch={batch}"] + [
+                f"--{k}={getattr(args, k)}" for k in
+                ("layers", "width", "chains", "draws", "repeats", "device")]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows[variant] = json.loads(out.strip().splitlines()[-1])
         a, b = np.load(f"{tmp}/separate.npz"), np.load(f"{tmp}/refined.npz")
         worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
     sep, ref = rows["separate"], rows["refined"]
-    print(f"{ref['components']} components × {args.chains} chains × {args.draws} draws "
-          f"(+{args.draws // 2} burn-in), {ref['params']} parameters, device {args.device}")
+    print(f"batch {batch}: {ref['components']} components × {args.chains} chains × "
+          f"{args.draws} draws (+{args.draws // 2} burn-in), {ref['params']} parameters, "
+          f"device {args.device}")
     print(f"{'':34} {'best wall time':>15} {'peak memory':>12}")
     print(f"{'separate estimate_llc(weights=...)':34} {sep['best_s']:13.2f} s "
           f"{sep['peak_mb']:9.1f} MB")
     print(f"{'one estimate_refined_llc call':34} {ref['best_s']:13.2f} s "
-          f"{ref['peak_mb']:9.1f} MB")
+          f"{ref['peak_mb']:9.1f} MB   (ran {ref['how']})")
     print(f"ratio (one call / separate): {ref['best_s'] / sep['best_s']:.2f} (target <= 0.8); "
           f"peak memory ratio {ref['peak_mb'] / max(sep['peak_mb'], 1e-9):.2f}")
-    print(f"largest difference between the λ̂ traces: {worst:.3g}")
-
+    print(f"largest difference between the λ̂ traces: {worst:.3g}\n")
 
 if __name__ == "__main__":
     main()

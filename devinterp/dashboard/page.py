@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from devinterp.dashboard import assets
+from devinterp.dashboard.components import components_figure
 from devinterp.dashboard.figures import (
     ESTIMATE_COLUMNS,
     HEALTH_RULES,
@@ -413,6 +414,7 @@ def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
             "table": llc_table(runs, names, flags),
         },
         "stages": stage_table(runs, names),
+        "components": components_figure(runs, names),
         "settings": settings_table(runs, names),
         "config": key_value_table([r.meta for r in runs], names),
         "traces": traces,

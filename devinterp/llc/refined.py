@@ -1,14 +1,18 @@
 """``estimate_refined_llc``: the weight-refined λ̂ of many components in one computation.
 
-Every component gets ``num_chains`` chains; all K × C chains run as one chunked, vectorized
-computation over the union of the components' parameters, each chain's gradient and noise
-masked to its component (:class:`devinterp.llc.driver.Restriction`). They share each step's
-minibatch and its paired baseline L_B(w*), the data pipeline and the Python overhead, which K
-separate calls would each pay. A chain of component k draws the noise stream that
-``estimate_llc(weights=<k's parameters>)`` draws for the same chain index, so a component of
-whole parameters gives that call's numbers: exactly with a fixed ``step_size``; with
-``step_size="auto"`` each component is calibrated on its own restriction (the ε that call would
-pick), and the per-chain ε agrees to float rounding.
+Every component gets ``num_chains`` chains, masked to the component: each chain's gradient and
+noise are zero outside it (:class:`devinterp.llc.driver.Restriction`), so those weights stay at
+w*. All chains iterate the same minibatches and share the paired baseline L_B(w*), the data,
+the checks and the Python overhead that K separate calls would each pay. The chains of
+components that touch the same parameters (the heads of a layer) run as one chunked,
+vectorized computation; components over other parameters either join them in one computation
+or run as their own groups (:func:`plan`: joint on small models, where per-step overhead
+dominates; grouped on larger ones, where batching weights a chain does not move costs more).
+
+A chain of component k draws the noise stream that ``estimate_llc(weights=<k's parameters>)``
+draws for the same chain index, so a component of whole parameters gives that call's numbers:
+exactly with a fixed ``step_size``; with ``step_size="auto"`` each component is calibrated on
+its own restriction (the ε that call would pick) and the per-chain ε agrees to float rounding.
 """
 
 from __future__ import annotations
@@ -47,7 +51,12 @@ __all__ = ["estimate_refined_llc"]
 _OPTIONS = ("num_chains", "num_draws", "num_burnin", "batch_size", "step_size",
             "localization", "nbeta", "sampler", "seed", "num_samples", "chain_chunk_size",
             "vectorize", "num_threads")
-_CALL_OPTIONS = ("device", "first_chain", "progress")
+_CALL_OPTIONS = ("device", "first_chain", "progress", "grouping")
+#: ``grouping="auto"`` runs every chain in one computation below this many sampled
+#: parameters × batch size: ``tools/bench_refined.py`` measured joint 0.54× the time of
+#: separate calls at 0.1M (a 26k-parameter transformer, batch 4) and grouped faster than
+#: joint at 1.6M (batch 64).
+JOINT_WORK = 2**19
 
 
 def estimate_refined_llc(
@@ -70,7 +79,11 @@ def estimate_refined_llc(
             (:mod:`devinterp.components`). Everything outside a component stays at w*.
         **options: every option of :func:`devinterp.estimate_llc` except ``weights`` and
             ``recorders``, with the same defaults; ``num_chains`` is per component and
-            ``chain_chunk_size`` counts (component, chain) pairs.
+            ``chain_chunk_size`` counts (component, chain) pairs. One more option,
+            ``grouping``: ``"joint"`` runs every chain in one computation, ``"grouped"`` one
+            computation per set of parameters (the heads of a layer share one), ``"auto"``
+            (default) joint on small work, else grouped (:func:`plan`); same draws to float
+            rounding.
 
     Returns:
         ``{name: LLCResult}`` in the order of ``components``; each result's settings name its
@@ -85,6 +98,9 @@ def estimate_refined_llc(
                         f"{sorted(_OPTIONS + _CALL_OPTIONS)}")
     cfg = SamplerConfig.from_options({k: options.get(k) for k in _OPTIONS})
     device, first_chain = options.get("device"), int(options.get("first_chain", 0))
+    grouping = options.get("grouping", "auto")
+    if grouping not in ("auto", "joint", "grouped"):
+        raise ValueError(f"grouping must be 'auto', 'joint' or 'grouped', got {grouping!r}")
     if (loss_fn is None) == (batch_loss is None):
         raise TypeError("pass exactly one of loss_fn(outputs, targets) or "
                         "batch_loss(forward, batch)")
@@ -115,7 +131,8 @@ def estimate_refined_llc(
                 comp.step_size, comp.calibration = _step_size(
                     comp.problem(prob), cfg, nbeta, vectorize)
             t_cal = time.perf_counter() - t_cal
-            runs = _run_all(prob, cfg, nbeta, comps, vectorize, first_chain,
+            how, groups = plan(prob, cfg, comps, grouping, vectorize)
+            _run_all(prob, cfg, nbeta, groups, vectorize, first_chain,
                             bool(options.get("progress", False)))
     finally:
         for m, was_training in modes:
@@ -133,6 +150,7 @@ def estimate_refined_llc(
             "step_size_auto": cfg.step_size == "auto", "vectorize": vectorize, **meta,
             "num_threads": use_threads or threads, "weights": list(comp.masks),
             "num_sampled_params": comp.size, "num_components": len(comps),
+            "components_run": how,
         }
         extra = dict(comp.calibration)
         extra["divergences"] = comp.divergences
@@ -140,8 +158,8 @@ def estimate_refined_llc(
         extra["elapsed_s"] = elapsed
         loss = np.concatenate(comp.loss)
         try:
-            result = summarize(nbeta * (loss - runs[0].baseline[None, :]), loss,
-                               runs[0].baseline, np.concatenate(comp.accept),
+            result = summarize(nbeta * (loss - comp.baseline[None, :]), loss,
+                               comp.baseline, np.concatenate(comp.accept),
                                np.concatenate(comp.diverged), settings, extra)
         except Exception as e:
             e.add_note(f"(component {comp.name!r} of estimate_refined_llc)")
@@ -164,6 +182,7 @@ class _Component:
     accept: list[np.ndarray] = field(default_factory=list)
     diverged: list[np.ndarray] = field(default_factory=list)
     divergences: list[dict[str, Any]] = field(default_factory=list)
+    baseline: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
         dev = self.prob.device
@@ -210,40 +229,90 @@ class _EntriesProblem(Problem):
         return super().loss(whole, batch)
 
 
-def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, comps: list[_Component],
-             vectorize: bool, first_chain: int, progress: bool) -> list[driver.ChainRun]:
-    """All (component, chain) pairs in chunks; each chunk's outputs go back to its components."""
-    pairs = [(comp, first_chain + c) for comp in comps for c in range(cfg.num_chains)]
-    chunk = cfg.chain_chunk_size or (chains_that_fit(prob, len(pairs)) if vectorize else 1)
-    rows = {id(comp): comp.restriction_rows(prob.anchor) for comp in comps}
-    fixed = cfg.step_size != "auto"
+def parameter_groups(comps: list[_Component]) -> list[tuple[tuple[str, ...], list[_Component]]]:
+    """Components that share one vectorized computation: those that touch the same parameters
+    (e.g. the heads of a layer). Parameters no chain of a group moves are constants of its
+    computation, not batched over chains, so the layers below them run once per step instead
+    of once per chain, and no chain computes gradients it would mask (merging a layer with
+    its MLP, or every component into one computation, measured slower in
+    ``tools/bench_refined.py``)."""
+    groups: dict[tuple[str, ...], list[_Component]] = {}
+    for comp in comps:
+        groups.setdefault(tuple(comp.masks), []).append(comp)
+    return list(groups.items())
+
+
+def plan(prob: Problem, cfg: SamplerConfig, comps: list[_Component], grouping: str,
+         vectorize: bool) -> tuple[str, list[tuple[tuple[str, ...], list[_Component]]]]:
+    """How to run the chains: ``"grouped"`` (one computation per :func:`parameter_groups`
+    group) or ``"joint"`` (every chain in one computation over all components' parameters).
+    Joint shares each step's Python and dispatch overhead among all K × C chains, which wins
+    on small work; grouped batches only what a group moves, which wins once the arithmetic
+    dominates. ``"auto"`` picks joint below :data:`JOINT_WORK` sampled parameters × batch
+    size (a rule, not a timing, so the same call always gives the same numbers)."""
+    groups = parameter_groups(comps)
+    if grouping == "auto":
+        work = sum(v.numel() for v in prob.anchor.values()) * cfg.batch_size
+        grouping = "joint" if vectorize and len(groups) > 1 and work < JOINT_WORK else "grouped"
+    if grouping == "joint":
+        return "joint", [(tuple(prob.anchor), comps)]
+    return "grouped", groups
+
+
+def _group_problem(prob: Problem, names: tuple[str, ...]) -> Problem:
+    """``prob`` sampling only ``names``; the rest of its anchor becomes constants."""
+    if names == tuple(prob.anchor):
+        return prob
+    return replace(prob, anchor={k: prob.anchor[k] for k in names},
+                   consts={**prob.consts, **{k: v for k, v in prob.anchor.items()
+                                             if k not in names}})
+
+
+def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float,
+             groups: list[tuple[tuple[str, ...], list[_Component]]], vectorize: bool,
+             first_chain: int, progress: bool) -> None:
+    """All (component, chain) pairs, group by group in chunks; every group iterates the same
+    minibatches (same seed) and shares the paired-baseline cache; each chunk's outputs go
+    back to its components."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(pairs) * (cfg.burnin + cfg.num_draws), desc="refined LLC",
-                   unit="step", leave=False)
-    runs = []
+        total = sum(len(m) for _, m in groups) * cfg.num_chains * (cfg.burnin + cfg.num_draws)
+        bar = tqdm(total=total, desc="refined LLC", unit="step", leave=False)
     try:
-        for i in range(0, len(pairs), chunk):
-            part = pairs[i : i + chunk]
-            restriction = driver.Restriction(
-                params=tuple(rows[id(comp)][0] for comp, _ in part),
-                masks={k: torch.stack([rows[id(comp)][1][k] for comp, _ in part])
-                       for k in prob.anchor})
-            eps: float | Tensor = (float(cfg.step_size) if fixed else torch.tensor(
-                [comp.step_size for comp, _ in part], dtype=torch.float64, device=prob.device))
-            run = driver.run_chains(
-                prob, [c for _, c in part], seed=cfg.seed, kernel=get_kernel(cfg.sampler),
-                step_size=eps, nbeta=nbeta, localization=float(cfg.localization),
-                num_burnin=cfg.burnin, num_draws=cfg.num_draws, vectorize=vectorize,
-                progress=bar, restriction=restriction)
-            _hand_back(run, [comp for comp, _ in part])
-            runs.append(run)
+        for names, members in groups:
+            _run_group(_group_problem(prob, names), cfg, nbeta, members, vectorize,
+                       first_chain, bar)
     finally:
         if bar is not None:
             bar.close()
-    return runs
+
+
+def _run_group(prob: Problem, cfg: SamplerConfig, nbeta: float, comps: list[_Component],
+               vectorize: bool, first_chain: int, bar: Any) -> None:
+    """One group's (component, chain) pairs in chunks of one vectorized computation each."""
+    pairs = [(comp, first_chain + c) for comp in comps for c in range(cfg.num_chains)]
+    chunk = cfg.chain_chunk_size or (chains_that_fit(prob, len(pairs)) if vectorize else 1)
+    rows = {id(comp): comp.restriction_rows(prob.anchor) for comp in comps}
+    fixed = cfg.step_size != "auto"
+    # Chains that move every weight of the group need no masks: the unrestricted noise
+    # stream over the group's weights is the restricted one (same draws, less work).
+    whole = all(comp.whole and tuple(comp.masks) == tuple(prob.anchor) for comp in comps)
+    for i in range(0, len(pairs), chunk):
+        part = pairs[i : i + chunk]
+        restriction = None if whole else driver.Restriction(
+            params=tuple(rows[id(comp)][0] for comp, _ in part),
+            masks={k: torch.stack([rows[id(comp)][1][k] for comp, _ in part])
+                   for k in prob.anchor})
+        eps: float | Tensor = (float(cfg.step_size) if fixed else torch.tensor(
+            [comp.step_size for comp, _ in part], dtype=torch.float64, device=prob.device))
+        run = driver.run_chains(
+            prob, [c for _, c in part], seed=cfg.seed, kernel=get_kernel(cfg.sampler),
+            step_size=eps, nbeta=nbeta, localization=float(cfg.localization),
+            num_burnin=cfg.burnin, num_draws=cfg.num_draws, vectorize=vectorize,
+            progress=bar, restriction=restriction)
+        _hand_back(run, [comp for comp, _ in part])
 
 
 def _hand_back(run: driver.ChainRun, owners: list[_Component]) -> None:
@@ -252,6 +321,7 @@ def _hand_back(run: driver.ChainRun, owners: list[_Component]) -> None:
         comp.loss.append(run.loss[j : j + 1])
         comp.accept.append(run.accept[j : j + 1])
         comp.diverged.append(run.diverged[j : j + 1])
+        comp.baseline = run.baseline
     # The monitor reports diverged chains in position order, one record each.
     for j, record in zip(np.flatnonzero(run.diverged), run.divergences, strict=True):
         owners[j].divergences.append(record)

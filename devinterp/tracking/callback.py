@@ -149,6 +149,13 @@ class LLCCallback(Callback):
         num_threads: torch intra-op threads while λ̂ is estimated (restored afterwards).
         weights: parameter names or ``fnmatch`` patterns SGLD moves, for a weight-refined λ̂
             (e.g. ``["blocks.0.attn.*"]``); the other weights stay at the checkpoint.
+        components: also one λ̂ curve per component (:func:`devinterp.estimate_refined_llc`,
+            all components in one call per step): ``"heads"``, ``"layers"``, ``"mlps"``, or
+            ``{name: [parameter names or patterns]}`` (in Python also ``{parameter: bool
+            mask}``). Rows go to ``dirpath/llc_components.csv`` (``component, step, llc_mean,
+            llc_std, ...``), their metrics to the loggers as ``llc/<component>/mean`` and
+            ``/std``, and at the end of inline training the stages of every curve to
+            ``stages_components.json``. Not with ``weights``.
         data: data to sample with (see above). Default: the training data.
         loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's
             ``llc_batch_loss``, ``loss_fn`` or ``training_step``.
@@ -181,6 +188,7 @@ class LLCCallback(Callback):
         vectorize: bool | None = None,
         num_threads: int | None = None,
         weights: list[str] | None = None,
+        components: str | dict[str, list[str]] | None = None,
         data: Any = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         save_traces: bool = True,
@@ -194,6 +202,10 @@ class LLCCallback(Callback):
         SamplerConfig.from_options(self.options)  # the one home of the sampler checks
         if weights is not None:
             self.options["weights"] = list(weights)
+        if components is not None and weights is not None:
+            raise ValueError("LLCCallback: give weights=[...] (one refined λ̂) or components= "
+                             "(one λ̂ per component), not both")
+        self.components = components
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -226,6 +238,7 @@ class LLCCallback(Callback):
         self._num_snapshots = 0
         self._batch_step = 0
         self._saved_since_flush = False
+        self._component_names: list[str] = []
 
     # -- identity and resumable state ----------------------------------------------------------
     @property
@@ -267,6 +280,11 @@ class LLCCallback(Callback):
             from devinterp.llc import sampled_parameters
 
             sampled_parameters(pl_module, self.options["weights"])  # unknown names fail now
+        if self.components is not None:
+            from devinterp.components import resolve_components
+
+            # Unknown names, bad masks or a model without heads fail now, not at step 0.
+            self._component_names = list(resolve_components(pl_module, self.components))
         base = trainer.log_dir or trainer.default_root_dir  # a collective: every rank calls it
         if self._store is None:
             self._store = RunStore(self.dirpath or os.path.join(base, "llc"), create=True)
@@ -347,6 +365,11 @@ class LLCCallback(Callback):
                         f"estimate λ̂ with `devinterp estimate {self._store.path}`")
         if trainer.is_global_zero and self.mode == "inline":
             log_stages(trainer.loggers, self._store, self._warn_once)
+            if self.components is not None:
+                from devinterp.tracking.components import detect_component_stages
+
+                with self._contained("component_stages", "detect the components' stages"):
+                    detect_component_stages(self._store)
             attach_dashboard(trainer.loggers, self._store, self._warn_once)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -372,23 +395,62 @@ class LLCCallback(Callback):
         outcomes = self._estimate_on_ranks(trainer, pl_module, train_loss)
         if trainer.is_global_zero:
             self._write_and_log(trainer, step, outcomes, start)
+        if self.components is not None:
+            self._components_step(trainer, pl_module, step, train_loss)
 
     def _estimate_on_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            train_loss: float | None) -> list[Any]:
         """Every rank's outcome for this step: its share of the chains, or the reason there is
         no estimate. Every rank reaches the collectives, failed or not: none is left waiting."""
-        reason = None
-        if train_loss is not None and not math.isfinite(train_loss):
-            reason = f"non-finite training loss ({train_loss}) at this step"
-        elif not weights_finite(pl_module):
-            reason = "non-finite weights at this step"
-        world, rank = trainer.world_size, trainer.global_rank
-        if world > 1 and not trainer.strategy.reduce_boolean_decision(reason is None, all=True):
-            reason = reason or "non-finite training loss or weights on another rank"
+        reason = _not_finite(trainer, pl_module, train_loss)
         if reason is not None:
             return [EstimateFailure(reason)]
+        world, rank = trainer.world_size, trainer.global_rank
         first, count = chain_range(resolved_num_chains(self.options), world, rank)
         return gather(self._estimate(pl_module, first, count) if count else None, world)
+
+    def _components_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                         train_loss: float | None) -> None:
+        """Every component's λ̂ at this step (chains split over ranks like the main estimate),
+        written to the long table by global rank 0 and logged; never ends training."""
+        from devinterp.tracking.components import (
+            component_rows,
+            merge_components,
+            run_components,
+            write_component_rows,
+        )
+
+        reason = _not_finite(trainer, pl_module, train_loss)
+        if reason is not None:
+            outcome: Any = EstimateFailure(reason)
+        else:
+            world, rank = trainer.world_size, trainer.global_rank
+            first, count = chain_range(resolved_num_chains(self.options), world, rank)
+            mine = None
+            if count:
+                try:
+                    with preserved_training_state(pl_module):
+                        mine = run_components(
+                            pl_module, self._data, self.components,
+                            loss_fn=self._loss.loss_fn, batch_loss=self._loss.batch_loss,
+                            options=self.options, first_chain=first, num_chains=count)
+                except Exception as e:  # noqa: BLE001 - a diagnostic never ends training
+                    _log.debug("LLCCallback: the components' estimate failed", exc_info=True)
+                    mine = EstimateFailure(f"{type(e).__name__}: {first_line(e)}")
+            outcome = merge_components(gather(mine, world))
+        if not trainer.is_global_zero:
+            return
+        if isinstance(outcome, EstimateFailure):
+            self._warn_once(f"components:{outcome.reason}", (
+                f"LLCCallback: no component λ̂ at step {step} ({outcome.reason}); training "
+                "goes on, the rows are marked failed"))
+        with self._contained("components", f"write the component rows of step {step}"):
+            write_component_rows(self._store,
+                                 component_rows(step, outcome, self._component_names))
+        if not isinstance(outcome, EstimateFailure):
+            metrics = {f"llc/{name}/{k}": getattr(r, f"llc_{k}") for name, r in outcome.items()
+                       if not isinstance(r, EstimateFailure) for k in ("mean", "std")}
+            log_metrics(trainer.loggers, step, metrics)
 
     def _estimate(self, pl_module: pl.LightningModule, first: int, count: int) -> Any:
         """This rank's chains: an ``LLCResult``, or an :class:`EstimateFailure` for any error
@@ -513,6 +575,21 @@ def _check_schedule(every_n_train_steps: int | None, every_n_epochs: int | None,
     Schedule(every_n_steps=every_n_train_steps, steps=tuple(steps or ()))
     if log_spaced is not None and (not isinstance(log_spaced, int) or log_spaced < 1):
         raise ValueError(f"log_spaced must be an integer >= 1, got {log_spaced!r}")
+
+
+def _not_finite(trainer: pl.Trainer, pl_module: pl.LightningModule,
+                train_loss: float | None) -> str | None:
+    """Why this step has no λ̂ on any rank (a non-finite training loss or weights), or None.
+    A collective under DDP: every rank calls it."""
+    reason = None
+    if train_loss is not None and not math.isfinite(train_loss):
+        reason = f"non-finite training loss ({train_loss}) at this step"
+    elif not weights_finite(pl_module):
+        reason = "non-finite weights at this step"
+    if trainer.world_size > 1 and not trainer.strategy.reduce_boolean_decision(
+            reason is None, all=True):
+        reason = reason or "non-finite training loss or weights on another rank"
+    return reason
 
 
 def _max_steps(trainer: pl.Trainer) -> int | None:

@@ -331,6 +331,13 @@
         renderKeyValues("config-table", page.config, "run configuration (run.json)");
         if (byId("llc-details").open) renderLlcTable(); else llcTableStale = true;
         var jobs = [renderTraceControls()];
+        var comps = page.components;
+        byId("components").hidden = !comps;
+        if (comps) {
+          jobs.push(Plotly.react("fig-components", comps.data, comps.layout, PLOT_CONFIG));
+        } else {
+          Plotly.purge("fig-components");
+        }
         if (diag) {
           jobs.push(Plotly.react("fig-diag", diag.data, diag.layout, PLOT_CONFIG));
         } else {
