@@ -16,6 +16,8 @@ loss is cross entropy, a negative log-likelihood.
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from experiments.transformer import Transformer
 
-__all__ = ["InductionLM", "next_token_loss", "sample_sequences", "transition_matrix"]
+__all__ = ["InductionLM", "attention_patterns", "head_scores", "next_token_loss",
+           "sample_sequences", "transition_matrix"]
 
 
 def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
@@ -149,3 +152,65 @@ class InductionLM(pl.LightningModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_dataset, batch_size=len(self.val_dataset))
+
+
+def attention_patterns(model: nn.Module, tokens: Tensor) -> list[Tensor]:
+    """Every layer's attention probabilities (batch, head, query, key) of ``model`` (an
+    :class:`InductionLM`) on ``tokens``: each attention module's input is captured by a hook
+    and its softmax recomputed exactly as its forward does."""
+    inputs: list[Tensor] = []
+    blocks = list(model.transformer.blocks)
+    hooks = [b.attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+             for b in blocks]
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for block, x in zip(blocks, inputs, strict=True):
+        attn = block.attn
+        batch, seq, width = x.shape
+        with torch.no_grad():
+            q, k, _ = attn.qkv(x).split(width, dim=-1)
+            q, k = (t.view(batch, seq, attn.num_heads, -1).transpose(1, 2) for t in (q, k))
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            mask = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+            out.append(scores.masked_fill(~mask, float("-inf")).softmax(-1))
+    return out
+
+
+def head_scores(model: nn.Module, *, num_sequences: int = 64, half: int = 24,
+                seed: int = 0) -> dict[str, dict[str, float]]:
+    """Each head's measured behaviour, named as :func:`devinterp.components.attention_heads`
+    names it (``"L0H1"``):
+
+    - ``previous_token``: mean attention from position t to t − 1 on the model's own
+      validation-like text (Markov sequences with copies), t ≥ 1;
+    - ``induction``: the prefix-matching score of Olsson et al. (2022): on a random token
+      block repeated twice, the mean attention from a token in the repeat to the token that
+      followed its first occurrence (position t − half + 1).
+    """
+    g = torch.Generator().manual_seed(seed)
+    text, _ = sample_sequences(num_sequences, model.hparams.seq_len, model.transitions,
+                               model.hparams.copy_len, model.hparams.num_copies, g)
+    block = torch.randint(model.hparams.vocab_size, (num_sequences, half), generator=g)
+    repeated = torch.cat([block, block], dim=1)
+    was = model.training
+    model.eval()
+    try:
+        prev = attention_patterns(model, text[:, :-1])
+        rep = attention_patterns(model, repeated)
+    finally:
+        model.train(was)
+    out = {}
+    t = torch.arange(1, text.shape[1] - 1)
+    r = torch.arange(half, 2 * half)
+    for layer, (p, q) in enumerate(zip(prev, rep, strict=True)):
+        for h in range(p.shape[1]):
+            out[f"L{layer}H{h}"] = {
+                "previous_token": float(p[:, h, t, t - 1].mean()),
+                "induction": float(q[:, h, r, r - half + 1].mean()),
+            }
+    return out
