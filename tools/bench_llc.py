@@ -16,7 +16,9 @@ import argparse
 import copy
 import math
 import pickle
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +33,9 @@ from devinterp.models import (
     teacher_data,
 )
 from devinterp.theory import deep_linear_network_llc, regular_llc
+
+# experiments/ is not installed: import it from this repository, as `devinterp run` does.
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 
 def mlp(widths: list[int]) -> nn.Sequential:
