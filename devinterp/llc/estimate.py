@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -138,29 +139,18 @@ def estimate_llc(
     params = sampled_parameters(model, cfg.weights)
     prob, meta = _build_problem(model, data, params, loss_fn, batch_loss, cfg, device)
     nbeta = _default_nbeta(prob.source.n) if cfg.nbeta is None else float(cfg.nbeta)
-    modes = [(m, m.training) for m in model.modules()]
-    cuda = [prob.device.index or 0] if prob.device.type == "cuda" else []
-    threads = torch.get_num_threads()
     use_threads = _thread_policy(cfg, params, prob.device)
     notes: list[str] = []
-    try:
-        if use_threads is not None:
-            torch.set_num_threads(use_threads)
-        model.eval()
-        with torch.random.fork_rng(devices=cuda):
-            check_loss(prob, cfg.seed)
-            vectorize = cfg.vectorize and (cfg.num_chains == 1 or vmap_works(prob, cfg.seed, notes))
-            _cache_baseline(prob, cfg, loss_fn)
-            eps, calib = _step_size(prob, cfg, nbeta, vectorize)
-            t_cal = time.perf_counter() - t_start
-            for recorder in recorders:
-                if hasattr(recorder, "bind"):
-                    recorder.bind(prob)
-            runs = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress, recorders)
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
-        torch.set_num_threads(threads)
+    with sampling(model, prob.device, use_threads) as threads:
+        check_loss(prob, cfg.seed)
+        vectorize = cfg.vectorize and (cfg.num_chains == 1 or vmap_works(prob, cfg.seed, notes))
+        _cache_baseline(prob, cfg, loss_fn)
+        eps, calib = _step_size(prob, cfg, nbeta, vectorize)
+        t_cal = time.perf_counter() - t_start
+        for recorder in recorders:
+            if hasattr(recorder, "bind"):
+                recorder.bind(prob)
+        runs = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress, recorders)
 
     loss = np.concatenate([r.loss for r in runs])
     baseline = runs[0].baseline
@@ -183,6 +173,27 @@ def estimate_llc(
                        np.concatenate([r.diverged for r in runs]), settings, extra)
     result.warnings[:0] = notes
     return result
+
+
+@contextlib.contextmanager
+def sampling(model: nn.Module, device: torch.device, num_threads: int | None
+             ) -> Iterator[int]:
+    """What every estimate runs inside: the model in eval mode, torch at ``num_threads``
+    threads (None: as it is), the global random streams forked; all of it restored after.
+    Yields the thread count torch had before."""
+    modes = [(m, m.training) for m in model.modules()]
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    threads = torch.get_num_threads()
+    try:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        model.eval()
+        with torch.random.fork_rng(devices=cuda):
+            yield threads
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        torch.set_num_threads(threads)
 
 
 def _build_problem(model: nn.Module, data: Any, params: dict[str, nn.Parameter],

@@ -38,6 +38,7 @@ from devinterp.llc.estimate import (
     _step_size,
     _thread_policy,
     chains_that_fit,
+    sampling,
 )
 from devinterp.llc.problem import BatchLoss, Problem, check_loss, vmap_works
 from devinterp.llc.result import LLCResult, summarize
@@ -113,31 +114,20 @@ def estimate_refined_llc(
     prob, meta = _build_problem(model, data, union, loss_fn, batch_loss, cfg, device)
     comps = [_Component(name, masks, prob) for name, masks in resolved.items()]
     nbeta = _default_nbeta(prob.source.n) if cfg.nbeta is None else float(cfg.nbeta)
-    modes = [(m, m.training) for m in model.modules()]
-    cuda = [prob.device.index or 0] if prob.device.type == "cuda" else []
-    threads = torch.get_num_threads()
     use_threads = _thread_policy(cfg, union, prob.device)
     notes: list[str] = []
-    try:
-        if use_threads is not None:
-            torch.set_num_threads(use_threads)
-        model.eval()
-        with torch.random.fork_rng(devices=cuda):
-            check_loss(prob, cfg.seed)
-            vectorize = cfg.vectorize and vmap_works(prob, cfg.seed, notes)
-            _cache_baseline(prob, cfg, loss_fn)
-            t_cal = time.perf_counter()
-            for comp in comps:
-                comp.step_size, comp.calibration = _step_size(
-                    comp.problem(prob), cfg, nbeta, vectorize)
-            t_cal = time.perf_counter() - t_cal
-            how, groups = plan(prob, cfg, comps, grouping, vectorize)
-            _run_all(prob, cfg, nbeta, groups, vectorize, first_chain,
-                            bool(options.get("progress", False)))
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
-        torch.set_num_threads(threads)
+    with sampling(model, prob.device, use_threads) as threads:
+        check_loss(prob, cfg.seed)
+        vectorize = cfg.vectorize and vmap_works(prob, cfg.seed, notes)
+        _cache_baseline(prob, cfg, loss_fn)
+        t_cal = time.perf_counter()
+        for comp in comps:
+            comp.step_size, comp.calibration = _step_size(comp.problem(prob), cfg, nbeta,
+                                                          vectorize)
+        t_cal = time.perf_counter() - t_cal
+        how, groups = plan(prob, cfg, comps, grouping, vectorize)
+        _run_all(prob, cfg, nbeta, groups, vectorize, first_chain,
+                 bool(options.get("progress", False)))
     elapsed = time.perf_counter() - t_start
     out = {}
     for comp in comps:
