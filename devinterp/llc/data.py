@@ -63,8 +63,11 @@ class TensorBatches:
         per_sample = vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))
         parts = []
         with torch.no_grad():
-            for i in range(0, self.n, 4096):
-                x, y = self.inputs[i : i + 4096], self.targets[i : i + 4096]
+            # Chunks of a few minibatches: sequence models ran 2x slower in chunks of 4096 rows
+            # than of 256 (tools/bench_llc.py --transformer, the in-context regression).
+            rows = 4 * self.batch_size
+            for i in range(0, self.n, rows):
+                x, y = self.inputs[i : i + rows], self.targets[i : i + rows]
                 try:
                     parts.append(per_sample(loss(x), y).reshape(-1).double())
                 except Exception:  # noqa: BLE001 - a loss vmap cannot split: pay a forward

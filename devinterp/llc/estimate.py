@@ -267,11 +267,13 @@ def _free_memory(device: torch.device) -> int | None:
 
 def _cache_baseline(prob: Problem, cfg: SamplerConfig, loss_fn: LossFn | None) -> None:
     """Per-sample losses at w*, when one pass over the data costs less than a baseline
-    forward per draw and the loss is proven to be their mean (else a paired forward)."""
+    forward per draw (n/batch forwards against num_draws per chunk of chains: break-even
+    measured at about n/batch + 5 = num_draws on the transformers) and the loss is proven to be
+    their mean (else a paired forward)."""
     source = prob.source
     chunks = math.ceil(cfg.num_chains / (cfg.chain_chunk_size or cfg.num_chains))
     if isinstance(source, TensorBatches) and loss_fn is not None and (
-            source.n <= 2 * cfg.num_draws * source.batch_size * chunks):
+            source.n <= cfg.num_draws * source.batch_size * chunks):
         prob.baseline_cache = source.per_sample_losses(prob.outputs_at_anchor, loss_fn)
 
 
