@@ -482,7 +482,7 @@ def test_module_loss_convention_is_one_function():
 def test_track_llc_and_the_fabric_names_never_import_lightning():
     """devinterp.tracking imports LLCCallback (and so Lightning) only when it is asked for."""
     code = ("import sys; from devinterp.tracking import Schedule, track_llc; "
-            "from devinterp.fabric import record_result; import devinterp.tracking as t; "
+            "from devinterp.tracking import record_result; import devinterp.tracking as t; "
             "before = 'lightning.pytorch' in sys.modules; t.LLCCallback; "
             "print(before, 'lightning.pytorch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

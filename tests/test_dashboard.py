@@ -54,7 +54,7 @@ def write_run(path: Path, *, name: str | None = None, steps: list[int] = STEPS,
             "rhat": 1.5 if step == 1000 else 1.01, "ess": 300.0,
             "mala_acceptance": 0.9, "num_diverged": 1 if step == 100 else 0,
             "frac_below_baseline": 0.02,
-            # As the run store holds them (devinterp.fabric.result_row): joined by " | ".
+            # As the run store holds them (devinterp.tracking.result_row): joined by " | ".
             "warnings": RHAT_WARNING if step == 1000 else "",
         })
         if traces:
@@ -231,10 +231,10 @@ def test_ess_is_judged_per_chain_that_did_not_diverge() -> None:
 
 
 def test_rows_written_by_the_estimator_pipeline(tmp_path: Path) -> None:
-    """Rows as ``devinterp.fabric.record_result`` writes them: warnings joined by " | ", and a
+    """Rows as ``devinterp.tracking.record_result`` writes them: warnings joined by " | ", and a
     failed step with status and reason (its NaN λ̂ is one flag, not two)."""
-    from devinterp.fabric import record_result
     from devinterp.llc import LLCResult
+    from devinterp.tracking import record_result
 
     store = RunStore(tmp_path / "r", create=True)
     trace = np.full((2, 5), 0.5)

@@ -6,7 +6,7 @@
   new λ̂ rows while a run trains.
 - :func:`main`: ``devinterp dashboard RUN_DIR ... -o FILE.html`` or ``ROOT --serve``.
 
-Runs are read with :func:`devinterp.store.load_run`; figures are built in
+Runs are read with :func:`devinterp.run.store.load_run`; figures are built in
 :mod:`~devinterp.dashboard.figures`, the page model and HTML in :mod:`~devinterp.dashboard.page`.
 """
 

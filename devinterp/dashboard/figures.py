@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from devinterp.health import HEALTH_RULES, HealthRule
-from devinterp.store import Run
+from devinterp.run.store import Run
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
@@ -155,7 +155,7 @@ def _text(cell: Any) -> str:
 def parse_warnings(cell: Any) -> list[str]:
     """The estimator's warnings stored in one table cell.
 
-    The run store holds them joined by `` | `` (``devinterp.fabric.result_row``); a list
+    The run store holds them joined by `` | `` (``devinterp.tracking.result_row``); a list
     written as JSON or as a Python repr is read too.
     """
     if isinstance(cell, (list, tuple)):

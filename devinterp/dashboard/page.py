@@ -43,7 +43,7 @@ from devinterp.dashboard.figures import (
     run_color,
     warning_rule,
 )
-from devinterp.store import Run, load_run
+from devinterp.run.store import Run, load_run
 
 #: Loss-trace values embedded in a written HTML file (chains × draws summed over checkpoints).
 DEFAULT_MAX_TRACE_VALUES = 200_000

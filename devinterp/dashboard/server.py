@@ -48,7 +48,7 @@ from devinterp.dashboard.page import (
     script_json,
     trace_payload,
 )
-from devinterp.store import (
+from devinterp.run.store import (
     LLC_FILE,
     METRICS_FILE,
     RUN_FILE,
@@ -62,7 +62,7 @@ from devinterp.store import (
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SKIP_DIRS = {SNAPSHOT_DIR, TRACE_DIR, "__pycache__", "node_modules"}
-#: The files of a run directory that :func:`devinterp.store.load_run` reads.
+#: The files of a run directory that :func:`devinterp.run.store.load_run` reads.
 _RUN_FILES = (LLC_FILE, METRICS_FILE, SETTINGS_FILE, RUN_FILE, STAGES_FILE)
 #: A client that goes away mid-answer (a closed tab, a poll cut short): not worth a traceback.
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)

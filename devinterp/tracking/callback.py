@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from devinterp.config import SamplerConfig
-from devinterp.store import LLC_FILE, RunStore
+from devinterp.run.store import LLC_FILE, RunStore
 from devinterp.tracking.distributed import check_strategy, gather, merge
 from devinterp.tracking.estimate import (
     ESTIMATOR_OPTIONS,
