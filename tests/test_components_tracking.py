@@ -10,13 +10,8 @@ import torch
 from llc_models import FAST, Tiny, regression_data, trainer
 
 from devinterp import LLCCallback, estimate_refined_llc, load_run
-from devinterp.component_table import (
-    COMPONENT_STAGES_FILE,
-    COMPONENTS_FILE,
-    read_components,
-    write_component_rows,
-)
-from devinterp.run.store import RunStore
+from devinterp.run.store import COMPONENT_STAGES_FILE, COMPONENTS_FILE, RunStore
+from devinterp.tracking.components import write_component_rows
 
 PARTS = {"first": ["net.0.*"], "last": ["net.2.*"]}
 
@@ -27,7 +22,7 @@ def test_the_callback_writes_one_curve_per_component_equal_to_estimate_refined_l
     pl.seed_everything(0, verbose=False)
     module = Tiny()
     trainer(tmp_path, [cb], max_steps=10).fit(module)
-    table = read_components(tmp_path / "run")
+    table = load_run(tmp_path / "run").components
     assert list(table.columns[:4]) == ["component", "step", "llc_mean", "llc_std"]
     assert sorted(set(table["component"])) == ["first", "last"]
     for name in PARTS:
@@ -44,6 +39,7 @@ def test_the_callback_writes_one_curve_per_component_equal_to_estimate_refined_l
     # The plain λ̂ curve is still written, and the stages of each component's curve.
     assert load_run(tmp_path / "run").llc["step"].tolist() == [0, 2, 4, 6, 8, 10]
     stages = RunStore(tmp_path / "run").read_json(COMPONENT_STAGES_FILE)
+    assert load_run(tmp_path / "run").component_stages == stages
     assert set(stages) == {"first", "last"} and all(isinstance(v, list) for v in stages.values())
 
 
@@ -63,7 +59,7 @@ def test_rewritten_rows_replace_their_component_and_step_only(tmp_path):
     write_component_rows(store, [{"component": c, "step": s, "llc_mean": float(s)}
                                  for c in ("a", "b") for s in (0, 1)])
     write_component_rows(store, [{"component": "a", "step": 1, "llc_mean": 9.0}])
-    table = read_components(store)
+    table = store.read_components()
     assert table[["component", "step"]].values.tolist() == [["a", 0], ["a", 1], ["b", 0],
                                                             ["b", 1]]
     np.testing.assert_array_equal(table["llc_mean"], [0.0, 9.0, 0.0, 1.0])
@@ -79,13 +75,13 @@ def test_post_hoc_curves_of_a_deferred_run_equal_the_inline_ones(tmp_path):
                          progress=False, **FAST)
         pl.seed_everything(0, verbose=False)
         trainer(tmp_path / f"t{mode}", [cb], max_steps=6).fit(Tiny())
-        tables[mode] = read_components(tmp_path / mode)
+        tables[mode] = load_run(tmp_path / mode).components
     assert len(tables["deferred"]) == 0
     store = RunStore(tmp_path / "deferred")
     rows = estimate_component_curves(store, Tiny(), regression_data(64), PARTS,
                                      loss_fn=torch.nn.MSELoss(), options=FAST)
     assert len(rows) == 6
-    post = read_components(store)
+    post = store.read_components()
     assert post[["component", "step"]].values.tolist() == tables["inline"][
         ["component", "step"]].values.tolist()
     np.testing.assert_allclose(post["llc_mean"], tables["inline"]["llc_mean"], rtol=1e-6)

@@ -5,6 +5,8 @@ Layout of a run directory::
     run.json          what rebuilds the run: model import path and init args, data, loss, notes
     settings.json     sampler settings used for every estimate (nbeta, step size, chains, ...)
     llc.csv           the λ̂ table, one row per step (``step, llc_mean, llc_std, ...``)
+    llc_components.csv  λ̂ per component, one row per (component, step) (``component, step,
+                      llc_mean, llc_std, ...``); stages_components.json: their stages
     metrics.csv       training / validation metrics by step (``step, train_loss, ...``)
     stages.json       developmental stages found by the stage detector
     snapshots/        ``step_000000123.pt``: weights only, ``torch.load(weights_only=True)``
@@ -13,8 +15,8 @@ Layout of a run directory::
 Every write is atomic (temporary file + ``os.replace``), so a reader never sees a partial file,
 and every table write is a read-modify-write under an exclusive file lock (``filelock``: POSIX and
 Windows), so several processes (post-hoc workers, a dashboard reader) can share one run
-directory. Rows are keyed by ``step``: writing a step again replaces its row (idempotent), it
-never duplicates it.
+directory. Rows are keyed by ``step`` (the component table by ``component, step``): writing a
+key again replaces its row (idempotent), it never duplicates it.
 
 Every λ̂ row records what it was estimated from: ``settings_id``, a short hash of the sampler
 settings that change λ̂ (:func:`settings_id`), and ``snapshot_sha256``, the digest of the
@@ -43,7 +45,8 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock
 
-__all__ = ["ESTIMATOR_DEFAULTS", "LLC_FILE", "METRICS_FILE", "RUN_FILE", "SETTINGS_FILE",
+__all__ = ["COMPONENTS_FILE", "COMPONENT_KEY", "COMPONENT_STAGES_FILE", "ESTIMATOR_DEFAULTS",
+           "LLC_FILE", "METRICS_FILE", "RUN_FILE", "SETTINGS_FILE",
            "SETTINGS_ID_KEYS", "SNAPSHOT_DIR", "STAGES_FILE", "TRACE_DIR", "MixedSettingsError",
            "Run", "RunStore", "atomic_write_bytes", "file_sha256", "load_run", "open_regular",
            "read_regular_bytes", "settings_id", "snapshot_name"]
@@ -55,6 +58,14 @@ RUN_FILE = "run.json"
 STAGES_FILE = "stages.json"
 SNAPSHOT_DIR = "snapshots"
 TRACE_DIR = "traces"
+#: The long table of per-component λ̂ rows, keyed by :data:`COMPONENT_KEY`.
+COMPONENTS_FILE = "llc_components.csv"
+#: Stages of every component's curve: ``{component: [stage, ...]}``.
+COMPONENT_STAGES_FILE = "stages_components.json"
+COMPONENT_KEY = ("component", "step")
+#: Columns a λ̂ table read by :func:`load_run` always has (empty before the first estimate).
+_LLC_COLUMNS = (("llc_mean", "float64"), ("llc_std", "float64"), ("status", "object"),
+                ("reason", "object"))
 _LOCK_FILE = ".lock"
 
 #: Estimator options that change λ̂, hashed into each row's ``settings_id``
@@ -269,15 +280,34 @@ class RunStore:
         df["step"] = _integer_steps(df["step"], p)
         return df.sort_values("step", kind="stable").reset_index(drop=True)
 
-    def upsert_rows(self, name: str, rows: list[Mapping[str, Any]]) -> None:
-        """Insert or replace rows by ``step`` in a CSV table, atomically and under the lock."""
+    def upsert_rows(self, name: str, rows: list[Mapping[str, Any]],
+                    key: tuple[str, ...] = ("step",)) -> None:
+        """Insert or replace rows by ``key`` (columns that must include ``step``) in a CSV
+        table, atomically and under the lock; rows of other keys stay as they are."""
         if not rows:
             return
+        if "step" not in key:
+            raise ValueError(f"a table's key must include 'step', got {key!r}")
         for r in rows:
-            if "step" not in r:
-                raise ValueError("every row needs a 'step' key")
+            missing = [k for k in key if k not in r]
+            if missing:
+                raise ValueError(f"every row of {name} needs the key columns {list(key)}; a row "
+                                 f"lacks {missing}")
         with self.lock():
-            self._write_table(name, _upserted(self.read_table(name), rows))
+            self._write_table(name, _upserted(self.read_table(name), rows, key))
+
+    def read_components(self) -> pd.DataFrame:
+        """The per-component λ̂ table (``component, step, ...``) sorted by component then step;
+        empty with the columns of :attr:`Run.components` when none was written."""
+        table = self.read_table(COMPONENTS_FILE)
+        table["component"] = (table["component"].astype(str) if "component" in table.columns
+                              else pd.Series([], dtype="object"))
+        for col, dtype in _LLC_COLUMNS:
+            if col not in table.columns:
+                table[col] = pd.Series([None] * len(table), dtype=dtype)
+        first = ["component", "step"]
+        table = table[first + [c for c in table.columns if c not in first]]
+        return table.sort_values(first, kind="stable").reset_index(drop=True)
 
     def _write_table(self, name: str, table: pd.DataFrame) -> None:
         atomic_write_bytes(self.path / name, table.to_csv(index=False).encode())
@@ -392,15 +422,26 @@ def _integer_steps(steps: pd.Series, path: Path) -> pd.Series:
     return numbers.astype("int64")
 
 
-def _upserted(old: pd.DataFrame, rows: list[Mapping[str, Any]]) -> pd.DataFrame:
-    """``old`` with ``rows`` inserted or replacing the rows of their steps, sorted by step."""
+def _upserted(old: pd.DataFrame, rows: list[Mapping[str, Any]],
+              key: tuple[str, ...] = ("step",)) -> pd.DataFrame:
+    """``old`` with ``rows`` inserted or replacing the rows of their keys, sorted by key (key
+    columns other than ``step`` compare as text: that is how they read back from CSV)."""
+    cols = list(key)
     new = pd.DataFrame([dict(r) for r in rows])
     new["step"] = new["step"].astype("int64")
-    new = new.drop_duplicates("step", keep="last")
+    for c in cols:
+        if c != "step":
+            new[c] = new[c].astype(str)
+    new = new.drop_duplicates(cols, keep="last")
     if len(old):
-        old = old[~old["step"].isin(new["step"])]
+        old = old.copy()
+        for c in cols:
+            if c != "step":
+                old[c] = old[c].astype(str)
+        replaced = pd.MultiIndex.from_frame(old[cols]).isin(pd.MultiIndex.from_frame(new[cols]))
+        old = old[~replaced]
         new = pd.concat([old, new], ignore_index=True) if len(old) else new
-    return new.sort_values("step", kind="stable").reset_index(drop=True)
+    return new.sort_values(cols, kind="stable").reset_index(drop=True)
 
 
 @dataclass
@@ -418,6 +459,11 @@ class Run:
         meta: what rebuilds the run (``run.json``).
         stages: stages found by the detector (``stages.json``), a list of dicts.
         snapshots: weight snapshot files by step.
+        components: per-component λ̂, one row per (component, step), columns ``component,
+            step, llc_mean, llc_std, ..., status, reason`` (``llc_components.csv``; empty with
+            those columns when the run has none).
+        component_stages: stages of every component's curve (``stages_components.json``:
+            ``{component: [stage, ...]}``), or None when not detected.
     """
 
     path: Path
@@ -427,6 +473,8 @@ class Run:
     meta: dict = field(default_factory=dict)
     stages: list = field(default_factory=list)
     snapshots: dict = field(default_factory=dict)
+    components: pd.DataFrame = field(default_factory=lambda: _empty_components())
+    component_stages: dict | None = None
 
     @property
     def mixed_settings(self) -> bool:
@@ -454,8 +502,7 @@ def load_run(path: str | os.PathLike) -> Run:
     """Read a run directory written by :class:`devinterp.LLCCallback` or ``devinterp run``."""
     store = RunStore(path)
     llc = store.read_table(LLC_FILE)
-    for col, dtype in (("llc_mean", "float64"), ("llc_std", "float64"), ("status", "object"),
-                       ("reason", "object")):
+    for col, dtype in _LLC_COLUMNS:
         if col not in llc.columns:
             llc[col] = pd.Series([None] * len(llc), dtype=dtype)
     settings = store.read_json(SETTINGS_FILE, {}) or {}
@@ -471,7 +518,28 @@ def load_run(path: str | os.PathLike) -> Run:
         meta=store.read_json(RUN_FILE, {}) or {},
         stages=list(stages),
         snapshots=store.snapshots(),
+        components=store.read_components(),
+        component_stages=_component_stages(store),
     )
+
+
+def _empty_components() -> pd.DataFrame:
+    """:attr:`Run.components` of a run without component curves."""
+    return pd.DataFrame({"component": pd.Series([], dtype="object"),
+                         "step": pd.Series([], dtype="int64"),
+                         **{c: pd.Series([], dtype=d) for c, d in _LLC_COLUMNS}})
+
+
+def _component_stages(store: RunStore) -> dict | None:
+    """``stages_components.json``, or None; ValueError naming the file when it is not an
+    object of stage lists (it was edited, or is not devinterp's)."""
+    doc = store.read_json(COMPONENT_STAGES_FILE)
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or not all(isinstance(v, list) for v in doc.values()):
+        raise ValueError(f"{store.path / COMPONENT_STAGES_FILE} must map each component to a "
+                         "list of stages; delete it and detect the stages again")
+    return doc
 
 
 def _settings_mismatch(llc: pd.DataFrame, settings: Any) -> pd.Series:

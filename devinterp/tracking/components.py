@@ -1,7 +1,7 @@
 """Per-component λ̂ curves in a run: one :func:`devinterp.estimate_refined_llc` call per step,
 kept as one long table ``llc_components.csv`` (``component, step, llc_mean, llc_std, ...``;
-:mod:`devinterp.component_table`), and the stages of every component's curve
-(``stages_components.json``).
+:meth:`RunStore.read_components`, :attr:`devinterp.Run.components`), and the stages of every
+component's curve (``stages_components.json``, :attr:`devinterp.Run.component_stages`).
 
 The callback (``LLCCallback(components=...)``) and post-hoc estimation call the same functions
 here, so a run directory holds the same table whichever wrote it.
@@ -14,13 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from devinterp.component_table import (
-    COMPONENT_STAGES_FILE,
-    COMPONENTS_FILE,
-    read_components,
-    write_component_rows,
-)
-from devinterp.run.store import RunStore
+from devinterp.run.store import COMPONENT_KEY, COMPONENT_STAGES_FILE, COMPONENTS_FILE, RunStore
 from devinterp.tracking.estimate import (
     EstimateFailure,
     estimator_kwargs,
@@ -31,9 +25,8 @@ from devinterp.tracking.estimate import (
 from devinterp.tracking.losses import estimating
 
 __all__ = ["COMPONENTS_FILE", "COMPONENT_STAGES_FILE", "component_rows", "detect_component_stages",
-           "estimate_component_curves", "merge_components", "read_components", "run_components",
+           "estimate_component_curves", "merge_components", "run_components",
            "write_component_rows"]
-
 
 
 def run_components(model: nn.Module, data: Any, components: Any, *,
@@ -91,12 +84,18 @@ def component_rows(step: int, outcome: dict[str, Any] | EstimateFailure,
     return rows
 
 
+def write_component_rows(store: RunStore, rows: list[Mapping[str, Any]]) -> None:
+    """Insert or replace rows of the long table by (component, step), atomically and under the
+    store's lock (a resumed run re-estimating a step replaces its rows; the others stay)."""
+    store.upsert_rows(COMPONENTS_FILE, rows, key=COMPONENT_KEY)
+
+
 def detect_component_stages(store: RunStore, **options: Any) -> dict[str, list[dict]]:
     """The stages of every component's curve (:func:`devinterp.detect_stages`), written to
     ``stages_components.json``; a component with fewer than 5 λ̂ rows has none."""
     from devinterp.stages import detect_stages
 
-    table = read_components(store)
+    table = store.read_components()
     out: dict[str, list[dict]] = {}
     for name, curve in table.groupby("component", sort=False):
         ok = curve[curve["status"] == "ok"] if "status" in curve.columns else curve
