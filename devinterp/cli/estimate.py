@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from devinterp.cli import ArgumentParser, UsageError, add_threads_argument, apply_threads
-from devinterp.run.estimate import default_out, estimate_run, write_stages_or_warn
+from devinterp.run.estimate import (
+    default_out,
+    estimate_run,
+    estimate_run_components,
+    write_stages_or_warn,
+)
 from devinterp.run.options import check_device, check_options
 from devinterp.run.store import RunStore
 from devinterp.run.wandb import log_llc_rows
@@ -46,6 +51,10 @@ def _parser() -> ArgumentParser:
                    "without --rank (and outside torchrun) this command launches them "
                    "(default: $WORLD_SIZE or 1)")
     p.add_argument("--rank", type=int, help="this process's index (default: $RANK or 0)")
+    p.add_argument("--components", choices=["heads", "layers", "mlps"],
+                   help="one λ̂ curve per attention head, layer or MLP instead, into the run's "
+                   "llc_components.csv (then stages_components.json); steps already there are "
+                   "skipped unless --force")
     p.add_argument("--device", help="where to sample, e.g. cuda:0 (default: cpu)")
     add_threads_argument(p, default="the estimator's own choice")
     p.add_argument("--no-traces", action="store_true", help="do not save loss traces")
@@ -103,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     check_options(options, label=_flag)
     check_device(args.device)
     apply_threads(args.threads)  # here and in the workers launched below
+    if args.components:
+        return _components(args, steps, workers, options)
     if workers > 1 and args.rank is None and "RANK" not in os.environ:
         run_dir = default_out(RunStore(args.run_dir), args.out) or args.run_dir
         code = _launch(argv, workers)
@@ -154,6 +165,26 @@ def _estimate(args: argparse.Namespace, steps: list[int] | None, workers: int, r
               f"failed, {len(report.skipped)} already done, {len(report.unreadable)} "
               f"unreadable ({report.run_dir})")
     return (1 if report.unreadable else 0), report.run_dir
+
+
+def _components(args: argparse.Namespace, steps: list[int] | None, workers: int,
+                options: dict[str, Any]) -> int:
+    """``--components``: every component's curve for the run's snapshots, in this process."""
+    refused = [flag for flag, given in (("--out", args.out), ("--wandb", args.wandb),
+                                        ("--weights", args.weights),
+                                        ("--workers", workers > 1)) if given]
+    if refused:
+        raise ValueError(f"--components writes the run's own component table in one process; "
+                         f"drop {', '.join(refused)}")
+    report = estimate_run_components(
+        args.run_dir, args.components, module=args.module, data=args.data, loss_fn=args.loss,
+        steps=steps, force=args.force, device=args.device, **options)
+    if not args.quiet:
+        print(f"devinterp estimate: {args.components}: {len(report.estimated)} steps "
+              f"estimated, {len(report.failed)} with a failed component, "
+              f"{len(report.skipped)} already done, {len(report.unreadable)} unreadable "
+              f"({report.run_dir})")
+    return 1 if report.unreadable else 0
 
 
 def _launch(argv: list[str], workers: int) -> int:

@@ -65,7 +65,8 @@ from devinterp.tracking import (
     weights_finite,
 )
 
-__all__ = ["EstimateReport", "default_out", "estimate_run", "write_stages_or_warn"]
+__all__ = ["EstimateReport", "default_out", "estimate_run", "estimate_run_components",
+           "write_stages_or_warn"]
 
 _CKPT_STEP = re.compile(r"step=(\d+)")
 
@@ -177,6 +178,85 @@ def estimate_run(
         torch.set_num_threads(threads_before)
         job.target.row_settings, job.target.row_sources, job.target.row_guard = None, {}, None
     return job.report
+
+
+def estimate_run_components(
+    run_dir: str | os.PathLike,
+    components: str | Mapping[str, Any],
+    *,
+    module: type[nn.Module] | str | None = None,
+    data: Any = None,
+    loss_fn: Callable[..., torch.Tensor] | str | None = None,
+    batch_loss: Callable[..., torch.Tensor] | None = None,
+    steps: list[int] | None = None,
+    force: bool = False,
+    device: str | None = None,
+    threads: int | None = None,
+    **options: Any,
+) -> EstimateReport:
+    """One λ̂ curve per component (``"heads"``, ``"layers"``, ``"mlps"`` or a mapping, as
+    :func:`devinterp.resolve_components` takes) for the weight snapshots of ``run_dir``, into
+    its long table ``llc_components.csv``, then ``stages_components.json``: what
+    ``devinterp estimate RUN --components heads`` runs.
+
+    The model, data and loss are rebuilt as :func:`estimate_run` rebuilds them (same
+    arguments), and the sampler settings are ``settings.json``'s with ``options`` on top, so
+    the curves equal those ``LLCCallback(components=...)`` writes inline. A step whose every
+    component already has a row is skipped unless ``force``. Returns an
+    :class:`EstimateReport` (``failed``: steps with a failed component row)."""
+    from devinterp.components import resolve_components
+    from devinterp.tracking.components import estimate_component_curves
+
+    check_job(1, 0, threads)
+    check_device(device)
+    overrides = check_options(estimator_kwargs(dict(options)))
+    store = RunStore(run_dir)
+    meta = read_meta(store)
+    template = _read_settings(store)
+    base = {k: template[k] for k in ESTIMATOR_OPTIONS if template.get(k) is not None}
+    check_options(base, where=f"in {store.path / SETTINGS_FILE}")
+    snaps = store.snapshots()
+    if not snaps:
+        raise FileNotFoundError(f"{store.path} holds no weight snapshot (snapshots/step_*.pt) "
+                                "for component curves; train with LLCCallback(dirpath=...)")
+    report = EstimateReport(store.path)
+    builder = ModelBuilder(store, meta, module, device)
+    model = _first_loadable(builder, snaps, report)
+    check_recorded_loss(meta, loss_fn, batch_loss, type(model), store.path)
+    the_data = builder.data(model, data)
+    the_loss, the_batch_loss = builder.loss(model, loss_fn, batch_loss)
+    names = set(resolve_components(model, components))
+    table = store.read_components()
+    done = {int(s) for s, g in table.groupby("step") if names <= set(g["component"])}
+    wanted = sorted(snaps) if steps is None else sorted({int(s) for s in steps})
+    report.skipped = [s for s in wanted if s in done and not force]
+    todo = [s for s in wanted if s not in report.skipped]
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        rows = estimate_component_curves(store, model, the_data, components, loss_fn=the_loss,
+                                         batch_loss=the_batch_loss,
+                                         options={**base, **overrides}, steps=todo)
+    finally:
+        torch.set_num_threads(threads_before)
+    failed = {int(r["step"]) for r in rows if r.get("status") != "ok"}
+    report.failed = sorted(failed)
+    report.estimated = [s for s in todo if s not in failed]
+    return report
+
+
+def _first_loadable(builder: ModelBuilder, snaps: Mapping[int, Path],
+                    report: EstimateReport) -> nn.Module:
+    """The model built from the first readable snapshot (every step's weights are loaded
+    into it in turn); unreadable ones are named on stderr."""
+    for step, path in snaps.items():
+        try:
+            return builder.load(Source(step, path, "snapshot"))
+        except UnreadableSnapshot as e:
+            _report_unreadable(report, path, str(e))
+    raise ValueError(f"no snapshot of {builder.store.path} could be read (named above); "
+                     "restore them or train again")
 
 
 class _Job:
