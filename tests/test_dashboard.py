@@ -15,7 +15,8 @@ import pytest
 
 from devinterp import cli
 from devinterp.cli import UsageError
-from devinterp.dashboard import DashboardServer, build_html, build_page, log_to_wandb, main
+from devinterp.cli.dashboard import main
+from devinterp.dashboard import DashboardServer, build_html, build_page
 from devinterp.dashboard.figures import (
     HEALTH_RULES,
     diagnostics_figure,
@@ -27,6 +28,7 @@ from devinterp.dashboard.figures import (
 )
 from devinterp.dashboard.page import load_runs, run_names, trace_payload
 from devinterp.run.store import SETTINGS_FILE, STAGES_FILE, RunStore, load_run
+from devinterp.run.wandb import attach_dashboard as log_to_wandb
 
 STEPS = [0, 10, 100, 1000, 10000]
 STAGES = [

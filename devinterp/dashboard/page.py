@@ -11,7 +11,6 @@ in a ``<script type="application/json">`` block with ``<``, ``>`` and ``&`` writ
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import os
@@ -480,13 +479,3 @@ def build_html(run_dirs: Sequence[str | os.PathLike], *,
     """
     runs = load_runs(run_dirs)
     return render_html(build_page(runs, max_trace_values=max_trace_values))
-
-
-def log_to_wandb(run_dir: str | os.PathLike, wandb_run: Any) -> None:
-    """Attach the run's dashboard to a W&B run as ``wandb.Html`` under the key ``dashboard``."""
-    import wandb
-
-    html_text = build_html([run_dir])
-    # A file-like object: a str could be taken for a path; inject=False keeps the page offline
-    # (W&B's injected stylesheet is a link to its servers).
-    wandb_run.log({"dashboard": wandb.Html(io.StringIO(html_text), inject=False)})

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from devinterp.run.store import RUN_FILE, RunStore
+from devinterp.run.wandb import define_llc_metrics, run_record
 from devinterp.tracking.estimate import iter_floats
 
 __all__ = ["LoggerGuard", "MetricsRecorder", "log_metrics", "setup_wandb"]
@@ -97,13 +98,8 @@ def setup_wandb(loggers: Iterable[Any], store: RunStore, warn: Warn) -> None:
             continue
         try:
             run = logger.experiment
-            run.define_metric("trainer/global_step")
-            run.define_metric("llc/*", step_metric="trainer/global_step")
-            run.define_metric("stage/*", step_metric="trainer/global_step")
-            store.update_json(RUN_FILE, {"wandb": {
-                "id": run.id, "project": run.project, "entity": run.entity,
-                "save_dir": logger.save_dir,
-            }})
+            define_llc_metrics(run)
+            store.update_json(RUN_FILE, {"wandb": run_record(run, logger.save_dir)})
         except Exception as e:  # noqa: BLE001 - W&B being down must not stop training
             warn(f"logger:{id(logger)}", f"LLCCallback: could not set up W&B metrics ({e!r})")
 

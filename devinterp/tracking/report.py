@@ -38,10 +38,10 @@ def attach_dashboard(loggers: list[Any], store: RunStore, warn: Warn) -> None:
     if not wandb_loggers:
         return
     try:
-        from devinterp.dashboard import log_to_wandb
+        from devinterp.run.wandb import attach_dashboard as attach_page
 
         for lg in wandb_loggers:
-            log_to_wandb(store.path, lg.experiment)
+            attach_page(store.path, lg.experiment)
     except Exception as e:  # noqa: BLE001 - the training run is done; keep it that way
         warn("dashboard", f"LLCCallback: could not attach the dashboard to W&B "
                           f"({type(e).__name__}: {e}); run `devinterp dashboard {store.path} "
