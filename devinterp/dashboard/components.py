@@ -100,6 +100,26 @@ def _kmeans(x: np.ndarray, k: int, seed: int, restarts: int = 10, iters: int = 1
     return best
 
 
+def _component_trace(curve: pd.DataFrame, comp: str, axis: str, g: int,
+                     show_legend: bool) -> dict[str, Any]:
+    """The λ̂ ± std curve of component ``comp`` in panel ``axis``, in the colour of group ``g``."""
+    color = GROUP_COLORS[g % len(GROUP_COLORS)]
+    return {
+        "type": "scatter", "mode": "lines+markers", "xaxis": f"x{axis}",
+        "yaxis": f"y{axis}", "name": f"group {g + 1}", "legendgroup": f"group {g + 1}",
+        "showlegend": show_legend,
+        "x": step_x(curve["step"]),
+        "y": numbers(curve["llc_mean"]),
+        "error_y": {"type": "data", "array": numbers(curve["llc_std"]) if "llc_std"
+                    in curve.columns else [], "visible": "llc_std" in curve.columns,
+                    "thickness": 1},
+        "line": {"color": color, "width": 1.5}, "marker": {"size": 4},
+        "text": [plot_text(comp)] * len(curve),
+        "hovertemplate": "%{text}<br>step %{customdata}<br>λ̂ %{y:.4g}<extra></extra>",
+        "customdata": [int(s) for s in curve["step"]],
+    }
+
+
 def components_figure(runs: Sequence[Run], names: Sequence[str]) -> dict | None:
     """A Plotly figure: one small panel per component (of the first run with components),
     λ̂ ± std on shared log-step and λ̂ axes, coloured by :func:`group_curves`; None when no run
@@ -149,20 +169,6 @@ def components_figure(runs: Sequence[Run], names: Sequence[str]) -> dict | None:
             "font": {"size": 11}})
         curve = table[table["component"] == comp].sort_values("step")
         g = groups[comp]
-        color = GROUP_COLORS[g % len(GROUP_COLORS)]
-        data.append({
-            "type": "scatter", "mode": "lines+markers", "xaxis": f"x{axis}",
-            "yaxis": f"y{axis}", "name": f"group {g + 1}", "legendgroup": f"group {g + 1}",
-            "showlegend": g not in seen_groups,
-            "x": step_x(curve["step"]),
-            "y": numbers(curve["llc_mean"]),
-            "error_y": {"type": "data", "array": numbers(curve["llc_std"]) if "llc_std"
-                        in curve.columns else [], "visible": "llc_std" in curve.columns,
-                        "thickness": 1},
-            "line": {"color": color, "width": 1.5}, "marker": {"size": 4},
-            "text": [plot_text(comp)] * len(curve),
-            "hovertemplate": "%{text}<br>step %{customdata}<br>λ̂ %{y:.4g}<extra></extra>",
-            "customdata": [int(s) for s in curve["step"]],
-        })
+        data.append(_component_trace(curve, comp, axis, g, g not in seen_groups))
         seen_groups.add(g)
     return {"data": data, "layout": layout, "groups": {k: v + 1 for k, v in groups.items()}}

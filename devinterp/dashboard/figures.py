@@ -457,6 +457,148 @@ def _stage_hover_trace(run: Run, run_index: int, name: str, lo: int, hi: int) ->
             "meta": {"kind": "stage-hover", "run": run_index}}
 
 
+def _loss_traces(run: Run, i: int, name: str, n_runs: int, loss_names: list[str],
+                 loss_values: list[float]) -> list[dict]:
+    """The loss curves of run ``i`` (top panel); adds its columns to ``loss_names`` (whose
+    order picks the dash of each column) and its values to ``loss_values``."""
+    multi = n_runs > 1
+    traces = []
+    for j, col in enumerate(loss_columns(run.metrics)):
+        rows = run.metrics[["step", col]].dropna()
+        if col not in loss_names:
+            loss_names.append(col)
+        loss_values += rows[col].tolist()
+        traces.append({
+            "type": "scatter", "mode": "lines", "x": step_x(rows["step"]),
+            "y": numbers(rows[col]), "customdata": rows["step"].tolist(),
+            "xaxis": "x", "yaxis": "y", "hovertemplate": HOVER,
+            "name": plot_text(f"{name} · {col}" if multi else col),
+            "line": {"color": run_color(i, n_runs) if multi else LOSS_COLOR, "width": 1.5,
+                     "dash": DASHES[loss_names.index(col) % len(DASHES)]},
+            "legendgroup": f"run{i}", "showlegend": not multi,
+            "meta": {"kind": "loss", "run": i, "column": j},
+        })
+    return traces
+
+
+def _llc_traces(runs: Sequence[Run], i: int, name: str) -> list[dict]:
+    """The finite λ̂ of run ``i`` (bottom panel): its ± std band, then its curve."""
+    multi = len(runs) > 1
+    color = run_color(i, len(runs))
+    group = f"run{i}"
+    llc = runs[i].llc[["step", "llc_mean", "llc_std"]]
+    llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=np.float64))]
+    steps = llc["step"].tolist()
+    band = llc[np.isfinite(llc["llc_std"].to_numpy(dtype=np.float64))]
+    traces = []
+    if len(band):
+        bx = step_x(band["step"])
+        upper = (band["llc_mean"] + band["llc_std"]).to_numpy()
+        lower = (band["llc_mean"] - band["llc_std"]).to_numpy()
+        traces.append({
+            "type": "scatter", "mode": "lines", "x": bx + bx[::-1],
+            "y": numbers(upper) + numbers(lower[::-1]), "fill": "toself",
+            "fillcolor": _rgba(color, 0.08 if multi else 0.2), "line": {"width": 0},
+            "hoverinfo": "skip",
+            "xaxis": "x2", "yaxis": "y2", "name": "± std over chains",
+            "legendgroup": group, "showlegend": not multi,
+            "meta": {"kind": "llc-band", "run": i},
+        })
+    traces.append({
+        "type": "scatter", "mode": _line_mode(runs),
+        "x": step_x(steps), "y": numbers(llc["llc_mean"]), "customdata": steps,
+        "xaxis": "x2", "yaxis": "y2", "hovertemplate": HOVER,
+        "name": plot_text(name if multi else "λ̂"),
+        "line": {"color": color, "width": 2}, "marker": {"size": 5, "color": color},
+        "legendgroup": group, "showlegend": True,
+        "meta": {"kind": "llc", "run": i},
+    })
+    return traces
+
+
+def _missing_marks(flags: Sequence[Flag]) -> list[dict]:
+    """A dotted line at each step with no finite λ̂ (a failed estimate has no point to ring)."""
+    missing = sorted({(f.run, f.step) for f in flags
+                      if f.column == "status" or f.why == NOT_FINITE_WHY})
+    return [{"type": "line", "name": f"missing:{i}:{step}", "xref": "x2", "x0": step + 1,
+             "x1": step + 1, "yref": "y2 domain", "y0": 0, "y1": 1, "layer": "above",
+             "line": {"color": FLAG_COLOR, "width": 1.5, "dash": "dot"}}
+            for i, step in missing]
+
+
+def _panel_layout(n_runs: int, lanes: bool) -> tuple[int, float, list[float], list[float]]:
+    """Figure height (px), the top of the stage lanes and the loss and λ̂ panel domains
+    (paper fractions): lanes at the bottom when there are any, then λ̂, then loss."""
+    lane_px = 26 * n_runs + 12 if lanes else 0
+    lane_gap_px = 56 if lanes else 0
+    panels_px = 500
+    height = panels_px + lane_px + lane_gap_px + 84
+    area = height - 84
+    lane_top = (lane_px / area) if lanes else 0.0
+    llc_bottom = lane_top + lane_gap_px / area
+    split = llc_bottom + (1 - llc_bottom) * 0.5
+    return height, lane_top, [split + 0.035, 1.0], [llc_bottom, split - 0.035]
+
+
+def _add_lane_axes(layout: dict, names: Sequence[str], xr: list[float],
+                   lane_top: float) -> dict:
+    """Add the stage-lane axes (one row per run, labelled with its name) to ``layout`` and
+    return the lanes' caption annotation."""
+    labels = [plot_text(_short(n)) for n in names]
+    # Room for the longest lane label (~7 px a character at 12 px) left of the panels.
+    layout["margin"]["l"] = max(layout["margin"]["l"],
+                                16 + 7 * max(len(_short(n)) for n in names))
+    layout["xaxis3"] = _step_axis(xr, anchor="y3", matches="x",
+                                  title={"text": STEP_AXIS_TITLE})
+    layout["yaxis3"] = {"domain": [0, lane_top], "range": [len(names) - 0.5, -0.5],
+                        "tickvals": list(range(len(names))), "fixedrange": True,
+                        "ticktext": labels, "automargin": True,
+                        "showgrid": False, "zeroline": False, "linecolor": "#999"}
+    layout["xaxis2"]["showticklabels"] = False
+    return {"text": "stages (A: λ̂ rises, B: λ̂ falls)", "xref": "paper",
+            "yref": "paper", "x": 0, "y": lane_top, "xanchor": "left",
+            "yanchor": "bottom", "showarrow": False,
+            "font": {"size": 11, "color": "#555"}}
+
+
+def _stage_marks(runs: Sequence[Run], names: Sequence[str], lanes: bool, lo: int, hi: int,
+                 axis_span: float) -> tuple[list[dict], list[dict]]:
+    """The stage shapes and hover traces: a lane per run when ``lanes``, else (one run) bands
+    across both panels; several runs without stages get none."""
+    shapes: list[dict] = []
+    hovers: list[dict] = []
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+        if lanes:
+            shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x3", yref="y3",
+                                    y0=i - 0.38, y1=i + 0.38, opacity=0.55)
+            hover = _stage_hover_trace(run, i, name, lo, hi)
+            if hover is not None:
+                hovers.append(hover)
+        elif len(runs) == 1:
+            shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x", yref="paper",
+                                    y0=0, y1=1, opacity=0.13)
+    return shapes, hovers
+
+
+def _panel_axes(xr: list[float], loss_values: list[float], loss_domain: list[float],
+                llc_domain: list[float], lanes: bool) -> dict:
+    """The loss (``x``/``y``) and λ̂ (``x2``/``y2``) axes; the loss axis is logarithmic when
+    the loss is positive and spans more than a factor 30."""
+    log_loss = bool(loss_values) and min(loss_values) > 0 and max(loss_values) / min(
+        loss_values) > 30
+    return {
+        "xaxis": _step_axis(xr, anchor="y", showticklabels=False),
+        "yaxis": _value_axis(domain=loss_domain, title={"text": "loss"},
+                             **({"type": "log", **loss_axis_ticks(loss_values)} if log_loss
+                                else {"type": "linear"}),
+                             exponentformat="power"),
+        "xaxis2": _step_axis(xr, anchor="y2", matches="x",
+                             **({} if lanes else {"title": {"text": STEP_AXIS_TITLE}})),
+        "yaxis2": _value_axis(domain=llc_domain,
+                              title={"text": "λ̂ (local learning coefficient)"}),
+    }
+
+
 def llc_figure(runs: Sequence[Run], names: Sequence[str],
                flags: Sequence[Flag] = (), found: Sequence[Problem] | None = None) -> dict:
     """Loss (top) and λ̂ ± std (bottom) over ``step + 1`` on a shared log axis, with stages.
@@ -468,115 +610,29 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
     multi = len(runs) > 1
     span = step_range(runs)
     xr = log_range(span)
-    axis_span = xr[1] - xr[0]
     lo, hi = span if span else (1, 10)
     data: list[dict] = []
-    shapes: list[dict] = []
     annotations: list[dict] = []
     loss_names: list[str] = []
     loss_values: list[float] = []
-
     for i, (run, name) in enumerate(zip(runs, names, strict=True)):
-        color = run_color(i, len(runs))
-        group = f"run{i}"
-        for j, col in enumerate(loss_columns(run.metrics)):
-            rows = run.metrics[["step", col]].dropna()
-            if col not in loss_names:
-                loss_names.append(col)
-            loss_values += rows[col].tolist()
-            data.append({
-                "type": "scatter", "mode": "lines", "x": step_x(rows["step"]),
-                "y": numbers(rows[col]), "customdata": rows["step"].tolist(),
-                "xaxis": "x", "yaxis": "y", "hovertemplate": HOVER,
-                "name": plot_text(f"{name} · {col}" if multi else col),
-                "line": {"color": color if multi else LOSS_COLOR, "width": 1.5,
-                         "dash": DASHES[loss_names.index(col) % len(DASHES)]},
-                "legendgroup": group, "showlegend": not multi,
-                "meta": {"kind": "loss", "run": i, "column": j},
-            })
-        llc = run.llc[["step", "llc_mean", "llc_std"]]
-        llc = llc[np.isfinite(llc["llc_mean"].to_numpy(dtype=np.float64))]
-        steps = llc["step"].tolist()
-        band = llc[np.isfinite(llc["llc_std"].to_numpy(dtype=np.float64))]
-        if len(band):
-            bx = step_x(band["step"])
-            upper = (band["llc_mean"] + band["llc_std"]).to_numpy()
-            lower = (band["llc_mean"] - band["llc_std"]).to_numpy()
-            data.append({
-                "type": "scatter", "mode": "lines", "x": bx + bx[::-1],
-                "y": numbers(upper) + numbers(lower[::-1]), "fill": "toself",
-                "fillcolor": _rgba(color, 0.08 if multi else 0.2), "line": {"width": 0},
-                "hoverinfo": "skip",
-                "xaxis": "x2", "yaxis": "y2", "name": "± std over chains",
-                "legendgroup": group, "showlegend": not multi,
-                "meta": {"kind": "llc-band", "run": i},
-            })
-        data.append({
-            "type": "scatter", "mode": _line_mode(runs),
-            "x": step_x(steps), "y": numbers(llc["llc_mean"]), "customdata": steps,
-            "xaxis": "x2", "yaxis": "y2", "hovertemplate": HOVER,
-            "name": plot_text(name if multi else "λ̂"),
-            "line": {"color": color, "width": 2}, "marker": {"size": 5, "color": color},
-            "legendgroup": group, "showlegend": True,
-            "meta": {"kind": "llc", "run": i},
-        })
-
+        data += _loss_traces(run, i, name, len(runs), loss_names, loss_values)
+        data += _llc_traces(runs, i, name)
     flagged = _flag_points(runs, problems(flags) if found is None else found)
     if flagged is not None:
         data.append(flagged)
-    # Steps with no finite λ̂ (a failed estimate) have no point to ring: mark the step itself.
-    missing = sorted({(f.run, f.step) for f in flags
-                      if f.column == "status" or f.why == NOT_FINITE_WHY})
-    shapes += [{"type": "line", "name": f"missing:{i}:{step}", "xref": "x2", "x0": step + 1,
-                "x1": step + 1, "yref": "y2 domain", "y0": 0, "y1": 1, "layer": "above",
-                "line": {"color": FLAG_COLOR, "width": 1.5, "dash": "dot"}}
-               for i, step in missing]
 
     lanes = multi and any(_stage_bounds(st, lo, hi) for r in runs for st in r.stages
                           if isinstance(st, dict))
-    lane_px = 26 * len(runs) + 12 if lanes else 0
-    lane_gap_px = 56 if lanes else 0
-    panels_px = 500
-    height = panels_px + lane_px + lane_gap_px + 84
-    area = height - 84
-    lane_top = (lane_px / area) if lanes else 0.0
-    llc_bottom = lane_top + lane_gap_px / area
-    split = llc_bottom + (1 - llc_bottom) * 0.5
-    loss_domain, llc_domain = [split + 0.035, 1.0], [llc_bottom, split - 0.035]
+    height, lane_top, loss_domain, llc_domain = _panel_layout(len(runs), lanes)
     layout = _base_layout(height)
-    log_loss = bool(loss_values) and min(loss_values) > 0 and max(loss_values) / min(
-        loss_values) > 30
-    layout.update({
-        "xaxis": _step_axis(xr, anchor="y", showticklabels=False),
-        "yaxis": _value_axis(domain=loss_domain, title={"text": "loss"},
-                             **({"type": "log", **loss_axis_ticks(loss_values)} if log_loss
-                                else {"type": "linear"}),
-                             exponentformat="power"),
-        "xaxis2": _step_axis(xr, anchor="y2", matches="x",
-                             **({} if lanes else {"title": {"text": STEP_AXIS_TITLE}})),
-        "yaxis2": _value_axis(domain=llc_domain,
-                              title={"text": "λ̂ (local learning coefficient)"}),
-    })
+    layout.update(_panel_axes(xr, loss_values, loss_domain, llc_domain, lanes))
     clipped = llc_axis_range(runs)
     if clipped is not None:
         layout["yaxis2"]["range"] = clipped[0]
         data.append(_offscale_trace(clipped[1], clipped[0], names))
     if lanes:
-        labels = [plot_text(_short(n)) for n in names]
-        # Room for the longest lane label (~7 px a character at 12 px) left of the panels.
-        layout["margin"]["l"] = max(layout["margin"]["l"],
-                                    16 + 7 * max(len(_short(n)) for n in names))
-        layout["xaxis3"] = _step_axis(xr, anchor="y3", matches="x",
-                                      title={"text": STEP_AXIS_TITLE})
-        layout["yaxis3"] = {"domain": [0, lane_top], "range": [len(runs) - 0.5, -0.5],
-                            "tickvals": list(range(len(runs))), "fixedrange": True,
-                            "ticktext": labels, "automargin": True,
-                            "showgrid": False, "zeroline": False, "linecolor": "#999"}
-        layout["xaxis2"]["showticklabels"] = False
-        annotations.append({"text": "stages (A: λ̂ rises, B: λ̂ falls)", "xref": "paper",
-                            "yref": "paper", "x": 0, "y": lane_top, "xanchor": "left",
-                            "yanchor": "bottom", "showarrow": False,
-                            "font": {"size": 11, "color": "#555"}})
+        annotations.append(_add_lane_axes(layout, names, xr, lane_top))
     if multi and len(loss_names) > 1:
         annotations.append({
             "text": plot_text(" · ".join(f"{DASHES[k % len(DASHES)]}: {c}"
@@ -584,23 +640,15 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
             "xref": "paper", "yref": "paper", "x": 1, "y": 1, "xanchor": "right",
             "yanchor": "top", "showarrow": False, "font": {"size": 11, "color": "#555"},
             "bgcolor": "rgba(255,255,255,0.8)"})
-    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
-        if lanes:
-            shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x3", yref="y3",
-                                    y0=i - 0.38, y1=i + 0.38, opacity=0.55)
-            hover = _stage_hover_trace(run, i, name, lo, hi)
-            if hover is not None:
-                data.append(hover)
-        elif not multi:
-            shapes += _stage_shapes(run, i, lo, hi, axis_span, xref="x", yref="paper",
-                                    y0=0, y1=1, opacity=0.13)
+    stage_shapes, stage_hovers = _stage_marks(runs, names, lanes, lo, hi, xr[1] - xr[0])
+    data += stage_hovers
     # Placeholders sit in the middle of their own panel (paper coordinates: an axis that has
     # no trace is not drawn, and "y domain" of it would fall back onto another panel).
     if not loss_names:
         annotations.append(_empty_note("no loss logged in metrics.csv", loss_domain))
     if not any(len(r.llc) for r in runs):
         annotations.append(_empty_note("no λ̂ estimated yet", llc_domain))
-    layout["shapes"] = shapes
+    layout["shapes"] = _missing_marks(flags) + stage_shapes
     layout["annotations"] = annotations
     return {"data": data, "layout": layout}
 
@@ -726,6 +774,44 @@ def diagnostic_columns(runs: Sequence[Run]) -> list[str]:
     return sorted(cols, key=lambda c: (_RULE_ORDER.get(column_key(c), len(_RULE_ORDER)), c))
 
 
+def _diagnostic_traces(runs: Sequence[Run], names: Sequence[str], col: str, k: int,
+                       flagged: set[tuple[int, int, str]]) -> list[dict]:
+    """Panel ``k`` of the diagnostics: each run's ``col`` over ``step + 1``, then one trace of
+    red crosses at its flagged values."""
+    ax = "" if k == 0 else str(k + 1)
+    traces: list[dict] = []
+    bad_x, bad_y, bad_points = [], [], []
+    for i, (run, name) in enumerate(zip(runs, names, strict=True)):
+        if col not in run.llc.columns:
+            continue
+        rows = run.llc[["step", col]].dropna()
+        color = run_color(i, len(runs))
+        traces.append({
+            "type": "scatter", "mode": _line_mode(runs),
+            "x": step_x(rows["step"]), "y": numbers(rows[col]),
+            "customdata": rows["step"].tolist(), "xaxis": f"x{ax}", "yaxis": f"y{ax}",
+            "name": plot_text(name), "hovertemplate": HOVER,
+            "line": {"color": color, "width": 1.5}, "marker": {"size": 4, "color": color},
+            "meta": {"kind": "diagnostic", "run": i, "panel": k},
+        })
+        for step, value in zip(rows["step"].tolist(), rows[col].tolist(), strict=True):
+            if (i, step, col) in flagged:
+                bad_x.append(step + 1)
+                bad_y.append(value)
+                bad_points.append([i, step])
+    if bad_x:
+        traces.append({
+            "type": "scatter", "mode": "markers", "x": bad_x, "y": numbers(bad_y),
+            "customdata": bad_points, "xaxis": f"x{ax}", "yaxis": f"y{ax}",
+            "hovertext": [plot_text(f"{names[i]} · step {s}: {col} = {v:.4g}")
+                          for (i, s), v in zip(bad_points, bad_y, strict=True)],
+            "name": "flagged", "hoverinfo": "text", "showlegend": False,
+            "marker": {"symbol": "x", "size": 9, "color": FLAG_COLOR},
+            "meta": {"kind": "diagnostic-flag", "run": -1, "panel": k},
+        })
+    return traces
+
+
 def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
                        flags: Sequence[Flag] = ()) -> dict | None:
     """One small panel per diagnostic column over ``step + 1``, thresholds dotted, flags red."""
@@ -762,35 +848,7 @@ def diagnostics_figure(runs: Sequence[Run], names: Sequence[str],
                     "x0": 0, "x1": 1, "yref": f"y{ax}", "y0": bound, "y1": bound,
                     "line": {"color": FLAG_COLOR, "width": 1, "dash": "dot"}}
                    for bound in bounds]
-        bad_x, bad_y, bad_points = [], [], []
-        for i, (run, name) in enumerate(zip(runs, names, strict=True)):
-            if col not in run.llc.columns:
-                continue
-            rows = run.llc[["step", col]].dropna()
-            color = run_color(i, len(runs))
-            data.append({
-                "type": "scatter", "mode": _line_mode(runs),
-                "x": step_x(rows["step"]), "y": numbers(rows[col]),
-                "customdata": rows["step"].tolist(), "xaxis": f"x{ax}", "yaxis": f"y{ax}",
-                "name": plot_text(name), "hovertemplate": HOVER,
-                "line": {"color": color, "width": 1.5}, "marker": {"size": 4, "color": color},
-                "meta": {"kind": "diagnostic", "run": i, "panel": k},
-            })
-            for step, value in zip(rows["step"].tolist(), rows[col].tolist(), strict=True):
-                if (i, step, col) in flagged:
-                    bad_x.append(step + 1)
-                    bad_y.append(value)
-                    bad_points.append([i, step])
-        if bad_x:
-            data.append({
-                "type": "scatter", "mode": "markers", "x": bad_x, "y": numbers(bad_y),
-                "customdata": bad_points, "xaxis": f"x{ax}", "yaxis": f"y{ax}",
-                "hovertext": [plot_text(f"{names[i]} · step {s}: {col} = {v:.4g}")
-                              for (i, s), v in zip(bad_points, bad_y, strict=True)],
-                "name": "flagged", "hoverinfo": "text", "showlegend": False,
-                "marker": {"symbol": "x", "size": 9, "color": FLAG_COLOR},
-                "meta": {"kind": "diagnostic-flag", "run": -1, "panel": k},
-            })
+        data += _diagnostic_traces(runs, names, col, k, flagged)
     layout["shapes"] = shapes
     layout["annotations"] = annotations
     return {"data": data, "layout": layout}
