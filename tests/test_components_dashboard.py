@@ -7,10 +7,9 @@ import pandas as pd
 import pytest
 from test_dashboard_browser import Watched, browser  # noqa: F401 - the browser fixture
 
-from devinterp.component_table import write_component_rows
 from devinterp.dashboard.components import components_figure, group_curves
 from devinterp.dashboard.page import build_page, load_runs, render_html
-from devinterp.run.store import RunStore
+from devinterp.run.store import COMPONENT_KEY, COMPONENTS_FILE, RunStore
 
 STEPS = [0, 1, 3, 10, 30, 100, 300, 1000]
 
@@ -41,7 +40,7 @@ def test_curves_are_grouped_by_shape_not_level():
 
 def test_the_panel_draws_one_small_multiple_per_component_on_shared_axes(tmp_path):
     store = RunStore(tmp_path / "run", create=True)
-    write_component_rows(store, planted().to_dict("records"))
+    store.upsert_rows(COMPONENTS_FILE, planted().to_dict("records"), key=COMPONENT_KEY)
     store.upsert_rows("llc.csv", [{"step": s, "llc_mean": 1.0, "llc_std": 0.1, "status": "ok"}
                                   for s in STEPS])
     runs = load_runs([tmp_path / "run"])
@@ -72,7 +71,7 @@ def test_the_panel_draws_in_a_browser(browser, tmp_path):  # noqa: F811 - the fi
     from devinterp.dashboard import build_html
 
     store = RunStore(tmp_path / "run", create=True)
-    write_component_rows(store, planted().to_dict("records"))
+    store.upsert_rows(COMPONENTS_FILE, planted().to_dict("records"), key=COMPONENT_KEY)
     store.upsert_rows("llc.csv", [{"step": s, "llc_mean": 1.0, "llc_std": 0.1, "status": "ok"}
                                   for s in STEPS])
     out = tmp_path / "page.html"

@@ -25,7 +25,7 @@ __all__ = ["ExperimentCLI", "build_cli"]
 
 
 def _is_llc_callback(class_path: str) -> bool:
-    from devinterp.callback import LLCCallback
+    from devinterp.tracking.callback import LLCCallback
 
     module, _, name = class_path.rpartition(".")
     try:

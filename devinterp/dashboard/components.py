@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from devinterp.component_table import read_components
 from devinterp.dashboard.figures import numbers, plot_text, step_x
 from devinterp.run.store import Run
 
@@ -29,7 +28,7 @@ _COLUMNS = 4
 
 def component_curves(run: Run) -> pd.DataFrame:
     """The run's long component table, ok rows only (empty when the run has none)."""
-    table = read_components(run.path)
+    table = run.components
     if "status" in table.columns:
         table = table[table["status"] == "ok"]
     return table.dropna(subset=["llc_mean"]) if "llc_mean" in table.columns else table
