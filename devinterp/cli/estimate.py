@@ -6,13 +6,16 @@ or ``torchrun``, which sets ``RANK``/``WORLD_SIZE``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 from devinterp.cli import ArgumentParser, UsageError, add_threads_argument, apply_threads
+from devinterp.config import SAMPLER_NAMES, SamplerConfig
 from devinterp.run.estimate import (
     default_out,
     estimate_run,
@@ -63,21 +66,40 @@ def _parser() -> ArgumentParser:
                    help="afterwards, log every λ̂ row to the run's W&B run (recorded by the "
                         "callback) on the trainer/global_step axis")
     g = p.add_argument_group("sampler settings (default: the run's settings.json)")
-    g.add_argument("--num-chains", type=int)
-    g.add_argument("--num-draws", type=int)
-    g.add_argument("--num-burnin", type=int)
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--step-size", type=_step_size)
-    g.add_argument("--localization", type=float)
-    g.add_argument("--nbeta", type=float)
-    g.add_argument("--sampler", choices=["sgld", "rmsprop_sgld"])
-    g.add_argument("--seed", type=int)
-    g.add_argument("--num-samples", type=int)
-    g.add_argument("--chain-chunk-size", type=int)
-    g.add_argument("--weights", type=_patterns, metavar="PATTERNS",
-                   help="weight-refined λ̂: comma-separated parameter names or fnmatch patterns "
-                   "SGLD moves (the rest stay at the snapshot), e.g. 'blocks.0.attn.*'")
+    _add_sampler_flags(g)
     return p
+
+
+#: SamplerConfig fields whose flag is not a plain int/float: how to parse them (vectorize and
+#: num_threads have no flag here: chains give the same numbers either way, --threads sets
+#: threads for the whole command).
+_SPECIAL_FLAGS: dict[str, dict[str, Any] | None] = {
+    "step_size": {"type": lambda text: _step_size(text)},
+    "sampler": {"choices": list(SAMPLER_NAMES)},
+    "weights": {"type": lambda text: _patterns(text), "metavar": "PATTERNS",
+                "help": "weight-refined λ̂: comma-separated parameter names or fnmatch "
+                        "patterns SGLD moves (the rest stay at the snapshot), e.g. "
+                        "'blocks.0.attn.*'"},
+    "vectorize": None,
+    "num_threads": None,
+}
+
+
+def _add_sampler_flags(group: Any) -> None:
+    """One --flag per SamplerConfig field, so a new sampler option is a flag with no edit here
+    (an int or float field needs none; another kind needs an entry in _SPECIAL_FLAGS)."""
+    hints = typing.get_type_hints(SamplerConfig)
+    for f in dataclasses.fields(SamplerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in _SPECIAL_FLAGS:
+            if _SPECIAL_FLAGS[f.name] is not None:
+                group.add_argument(flag, dest=f.name, **_SPECIAL_FLAGS[f.name])
+            continue
+        kinds = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+        kind = int if int in kinds else float if float in kinds else None
+        if kind is None:
+            raise TypeError(f"SamplerConfig.{f.name} needs an entry in _SPECIAL_FLAGS")
+        group.add_argument(flag, dest=f.name, type=kind)
 
 
 def _step_size(text: str) -> float | str:
