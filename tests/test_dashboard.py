@@ -7,11 +7,11 @@ import json
 import math
 import os
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from served import running_server
 
 from devinterp import cli
 from devinterp.cli import UsageError
@@ -427,13 +427,8 @@ def server(tmp_path: Path):
     write_run(root / "exp" / "a", name="a")
     write_run(root / "exp" / "b", name="b", traces=False)
     (root / "exp" / "a" / "snapshots").mkdir()  # never listed as a run
-    srv = DashboardServer(root, port=0, poll_seconds=0.2)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running_server(root) as srv:
+        yield srv
 
 
 def get(srv: DashboardServer, path: str) -> tuple[int, bytes]:

@@ -9,12 +9,12 @@ import os
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from served import running_server
 from test_dashboard import RHAT_WARNING, write_run
 
 from devinterp import cli
@@ -32,13 +32,8 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def serving(root: Path) -> Iterator[DashboardServer]:
-    srv = DashboardServer(root, port=0, poll_seconds=0.2)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running_server(root) as srv:
+        yield srv
 
 
 def get(srv: DashboardServer, path: str, host: str | None = None,
