@@ -31,11 +31,11 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, Tenso
 from devinterp.config import SamplerConfig
 from devinterp.llc import estimate_llc
 from devinterp.llc.data import LossFn
-from devinterp.llc.observables import DEFAULT_PROBE_CHUNK, ProbeLosses
-from devinterp.llc.problem import BatchLoss
+from devinterp.llc.observables import DEFAULT_PROBE_CHUNK, ProbeLosses, probe_chunks
+from devinterp.llc.problem import BatchLoss, first_line
 from devinterp.llc.result import LLCResult
 
-__all__ = ["DEFAULT_NUM_TRAIN", "BIFResult", "estimate_bif"]
+__all__ = ["DEFAULT_NUM_TRAIN", "BIFResult", "ProbeInfluence", "estimate_bif", "influence_rows"]
 
 #: Training samples drawn from ``data`` when ``train`` is not given.
 DEFAULT_NUM_TRAIN = 512
@@ -171,3 +171,117 @@ def subsample(data: Any, size: int, seed: int) -> tuple[Any, np.ndarray]:
         return DataLoader(subset, batch_size=data.batch_size or 1,
                           collate_fn=data.collate_fn), idx.numpy()
     return subset, idx.numpy()
+
+
+def influence_rows(result: BIFResult) -> pd.DataFrame:
+    """The long rows of a :class:`BIFResult` as the run store keeps them: ``train_index``
+    (the training sample's index into the data, or its position in ``train``),
+    ``query_index`` (the probe's position), ``influence``, ``se``."""
+    frame = result.to_frame()
+    train = frame["train_index"] if "train_index" in frame.columns else frame["train"]
+    return pd.DataFrame({"train_index": train.to_numpy(), "query_index": frame["query"],
+                         "influence": frame["influence"], "se": frame["se"]})
+
+
+class _Guarded:
+    """A recorder that never fails the estimate it rides on: the first error of ``inner``
+    (binding or a draw) is kept in ``error`` and the recorder goes quiet, so λ̂ of the same
+    draws is still estimated."""
+
+    def __init__(self, inner: ProbeLosses) -> None:
+        self.inner = inner
+        self.error: str | None = None
+
+    def _fail(self, e: Exception) -> None:
+        self.error = f"{type(e).__name__}: {first_line(e)}"
+
+    def bind(self, problem: Any) -> None:
+        try:
+            self.inner.bind(problem)
+        except Exception as e:  # noqa: BLE001 - influence must not take λ̂ down with it
+            self._fail(e)
+
+    def on_draw(self, *args: Any) -> None:
+        if self.error is None:
+            try:
+                self.inner.on_draw(*args)
+            except Exception as e:  # noqa: BLE001
+                self._fail(e)
+
+
+class ProbeInfluence:
+    """The BIF of a fixed probe set, at checkpoint after checkpoint, from the draws of each
+    checkpoint's λ̂ estimate (one estimate, not two): what ``LLCCallback(probes=...)`` records.
+
+    The training samples are the same at every checkpoint: ``num_train`` samples of the data
+    drawn from ``seed`` (all of them when the data has fewer), so influence can be followed
+    over training. Per checkpoint: :meth:`recorder` goes into ``estimate_llc(recorders=[...])``
+    (or the callback's estimator), then :meth:`result` gives the :class:`BIFResult` of those
+    draws. A recorder that fails (a loss that cannot be applied to one sample) leaves λ̂ alone;
+    :meth:`result` then raises with its reason.
+
+    Args:
+        probes: the query samples: ``(inputs, targets)`` tensors, a Dataset or a DataLoader
+            (read in order), as :func:`estimate_bif`'s ``query``. Checked here.
+        num_train: training samples whose influence is recorded.
+        kind: ``"covariance"`` or ``"correlation"``.
+        probe_chunk_size: probe samples per forward pass.
+    """
+
+    def __init__(self, probes: Any, *, num_train: int = DEFAULT_NUM_TRAIN,
+                 kind: Literal["covariance", "correlation"] = "covariance",
+                 probe_chunk_size: int = DEFAULT_PROBE_CHUNK) -> None:
+        if kind not in ("covariance", "correlation"):
+            raise ValueError(f"kind must be 'covariance' or 'correlation', got {kind!r}")
+        if num_train < 1:
+            raise ValueError(f"num_train must be at least 1, got {num_train}")
+        probe_chunks(probes, probe_chunk_size)  # a bad probe set fails now, not at a checkpoint
+        self.probes, self.num_train, self.kind = probes, num_train, kind
+        self.probe_chunk_size = probe_chunk_size
+        self.train: Any = None
+        self.train_indices: np.ndarray | None = None
+
+    def recorder(self, data: Any, *, num_chains: int, first_chain: int = 0,
+                 seed: int = 0) -> _Guarded:
+        """A recorder of the probe and training losses for one estimate on chains
+        ``[first_chain, first_chain + num_chains)``; the training samples are drawn from
+        ``data`` the first time (and kept)."""
+        if self.train is None:
+            self.train, self.train_indices = subsample(data, self.num_train, seed)
+        return _Guarded(ProbeLosses(self.train, num_chains, query=self.probes,
+                                    chunk_size=self.probe_chunk_size, first_chain=first_chain))
+
+    def result(self, recorder: _Guarded, llc: LLCResult) -> BIFResult:
+        """The :class:`BIFResult` of the draws ``recorder`` saw, whose λ̂ is ``llc``.
+
+        Raises:
+            RuntimeError: the recorder failed (its reason), or no chain has two draws.
+        """
+        if recorder.error is not None:
+            raise RuntimeError(recorder.error)
+        keep = ~np.isnan(llc.llc_per_chain)
+        try:
+            influence, se = recorder.inner.covariance(keep, self.kind)
+        except ValueError as e:
+            raise RuntimeError(first_line(e)) from e
+        return BIFResult(influence=influence, influence_se=se, llc=llc, kind=self.kind,
+                         train_indices=self.train_indices, train_loss=recorder.inner.mean(keep),
+                         notes=list(recorder.inner.notes))
+
+    def inputs(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The input tensors of the probes and of the training samples, as arrays (None for
+        a set whose batches are not ``(inputs, targets)`` tensors); after :meth:`recorder`."""
+        return (_inputs(self.probes, self.probe_chunk_size),
+                None if self.train is None else _inputs(self.train, self.probe_chunk_size))
+
+
+def _inputs(samples: Any, chunk_size: int) -> np.ndarray | None:
+    """The inputs of a sample set, concatenated: the first tensor of every collated batch."""
+    parts = []
+    for chunk in probe_chunks(samples, chunk_size):
+        head = chunk[0] if isinstance(chunk, (tuple, list)) else None
+        if not isinstance(head, Tensor):
+            return None
+        head = head.detach().cpu()
+        parts.append((head.float() if head.is_floating_point() else head).numpy())
+    return np.concatenate(parts)

@@ -11,6 +11,13 @@ Layout of a run directory::
     stages.json       developmental stages found by the stage detector
     snapshots/        ``step_000000123.pt``: weights only, ``torch.load(weights_only=True)``
     traces/           ``step_000000123.npy``: per-chain loss traces, shape (chain, draw)
+    influence/        ``step_000000123.csv``: the Bayesian influence of training samples on a
+                      fixed probe set at that checkpoint, long format (``step, train_index,
+                      query_index, influence, se, kind, status, reason``; a failed step is one
+                      row with empty indices); ``query_inputs.npy``, ``train_inputs.npy`` and
+                      ``train_index.npy``: the inputs that draw them (when saved)
+    susceptibilities.csv  component × probe susceptibilities by step (``step, component,
+                      probe, susceptibility, se``)
 
 Every write is atomic (temporary file + ``os.replace``), so a reader never sees a partial file,
 and every table write is a read-modify-write under an exclusive file lock (``filelock``: POSIX and
@@ -46,7 +53,8 @@ import pandas as pd
 from filelock import FileLock
 
 __all__ = ["COMPONENTS_FILE", "COMPONENT_KEY", "COMPONENT_STAGES_FILE", "ESTIMATOR_DEFAULTS",
-           "LLC_FILE", "METRICS_FILE", "RUN_FILE", "SETTINGS_FILE",
+           "INFLUENCE_COLUMNS", "INFLUENCE_DIR", "LLC_FILE", "METRICS_FILE", "RUN_FILE",
+           "SETTINGS_FILE", "SUSCEPTIBILITIES_FILE", "SUSCEPTIBILITY_COLUMNS",
            "SETTINGS_ID_KEYS", "SNAPSHOT_DIR", "STAGES_FILE", "TRACE_DIR", "MixedSettingsError",
            "Run", "RunStore", "atomic_write_bytes", "file_sha256", "load_run", "open_regular",
            "read_regular_bytes", "settings_id", "snapshot_name"]
@@ -63,6 +71,15 @@ COMPONENTS_FILE = "llc_components.csv"
 #: Stages of every component's curve: ``{component: [stage, ...]}``.
 COMPONENT_STAGES_FILE = "stages_components.json"
 COMPONENT_KEY = ("component", "step")
+#: One CSV per checkpoint of probe influence, and the inputs that draw it.
+INFLUENCE_DIR = "influence"
+#: Columns of :attr:`Run.influence` (one row per (step, train sample, query sample)).
+INFLUENCE_COLUMNS = ("step", "train_index", "query_index", "influence", "se", "kind", "status",
+                     "reason")
+_INFLUENCE_INPUTS = ("query_inputs", "train_inputs", "train_index")
+#: Component × probe susceptibilities, long format, by step.
+SUSCEPTIBILITIES_FILE = "susceptibilities.csv"
+SUSCEPTIBILITY_COLUMNS = ("step", "component", "probe", "susceptibility", "se")
 #: Columns a λ̂ table read by :func:`load_run` always has (empty before the first estimate).
 _LLC_COLUMNS = (("llc_mean", "float64"), ("llc_std", "float64"), ("status", "object"),
                 ("reason", "object"))
@@ -358,6 +375,105 @@ class RunStore:
             df["step"] = df["step"].astype("int64")
             self._write_table(METRICS_FILE, df)
 
+    # -- influence and susceptibilities ----------------------------------------------------
+    def write_influence(self, step: int, frame: pd.DataFrame | None = None, *,
+                        kind: str = "covariance", reason: str | None = None) -> None:
+        """Write (or replace) the probe influence of checkpoint ``step``.
+
+        Args:
+            step: the checkpoint.
+            frame: columns ``train_index`` (the training sample), ``query_index`` (its
+                position in the probe set), ``influence`` and ``se``; None with ``reason``
+                for a checkpoint without an estimate (one failed row).
+            kind: ``"covariance"`` or ``"correlation"`` (see :mod:`devinterp.influence`).
+            reason: why there is no estimate (a failed row).
+        """
+        if (frame is None) == (reason is None):
+            raise ValueError("write_influence takes a frame of influence, or the reason "
+                             "there is none, not both")
+        if frame is None:
+            table = pd.DataFrame([{"step": int(step), "train_index": None, "query_index": None,
+                                   "influence": math.nan, "se": math.nan, "kind": kind,
+                                   "status": "failed", "reason": reason}])
+        else:
+            missing = {"train_index", "query_index", "influence", "se"} - set(frame.columns)
+            if missing:
+                raise ValueError(f"an influence frame needs the columns train_index, "
+                                 f"query_index, influence, se; it lacks {sorted(missing)}")
+            table = pd.DataFrame({
+                "step": int(step), "train_index": frame["train_index"].astype("int64"),
+                "query_index": frame["query_index"].astype("int64"),
+                "influence": frame["influence"].astype("float64"),
+                "se": frame["se"].astype("float64"), "kind": kind, "status": "ok",
+                "reason": ""})
+        name = f"{INFLUENCE_DIR}/{snapshot_name(step)}.csv"
+        atomic_write_bytes(self.path / name, table.to_csv(index=False).encode())
+
+    def read_influence(self) -> pd.DataFrame:
+        """Every checkpoint's probe influence as one long table (:data:`INFLUENCE_COLUMNS`),
+        sorted by step, query and training sample; empty with those columns when none."""
+        d = self.path / INFLUENCE_DIR
+        parts = [self.read_table(f"{INFLUENCE_DIR}/{p.name}")
+                 for p in sorted(d.glob("step_*.csv"))] if d.is_dir() else []
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return _empty_influence()
+        table = pd.concat(parts, ignore_index=True)
+        for col in ("train_index", "query_index"):
+            table[col] = table[col].astype("Int64")
+        table["reason"] = table["reason"].astype(object).where(table["reason"].notna(), "")
+        table = table[list(INFLUENCE_COLUMNS)]
+        return table.sort_values(["step", "query_index", "train_index"], kind="stable",
+                                 na_position="first").reset_index(drop=True)
+
+    def save_influence_inputs(self, query_inputs: np.ndarray | None,
+                              train_inputs: np.ndarray | None,
+                              train_index: np.ndarray) -> None:
+        """Keep the inputs of the probe (query) set and of the training samples whose
+        influence is recorded (row k of ``train_inputs`` is training sample
+        ``train_index[k]``), so the dashboard can draw them (e.g. as image thumbnails)."""
+        arrays = {"query_inputs": query_inputs, "train_inputs": train_inputs,
+                  "train_index": np.asarray(train_index, dtype=np.int64)}
+        for name, array in arrays.items():
+            if array is None:
+                continue
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(array), allow_pickle=False)
+            atomic_write_bytes(self.path / INFLUENCE_DIR / f"{name}.npy", buf.getvalue())
+
+    def influence_inputs(self) -> dict[str, np.ndarray]:
+        """The saved ``query_inputs``, ``train_inputs`` and ``train_index`` arrays (those
+        present)."""
+        out = {}
+        for name in _INFLUENCE_INPUTS:
+            p = self.path / INFLUENCE_DIR / f"{name}.npy"
+            if p.exists():
+                with open_regular(p) as f:
+                    out[name] = np.load(f, allow_pickle=False)
+        return out
+
+    def write_susceptibilities(self, step: int, frame: pd.DataFrame) -> None:
+        """Write (or replace) the susceptibilities of checkpoint ``step``: the DataFrame of
+        :func:`devinterp.estimate_susceptibilities` (``component, probe, susceptibility,
+        se``)."""
+        missing = set(SUSCEPTIBILITY_COLUMNS[1:]) - set(frame.columns)
+        if missing:
+            raise ValueError(f"a susceptibility frame needs the columns component, probe, "
+                             f"susceptibility, se; it lacks {sorted(missing)}")
+        rows = [{"step": int(step), **r} for r in
+                frame[list(SUSCEPTIBILITY_COLUMNS[1:])].to_dict("records")]
+        self.upsert_rows(SUSCEPTIBILITIES_FILE, rows, key=("step", "component", "probe"))
+
+    def read_susceptibilities(self) -> pd.DataFrame:
+        """The susceptibility table (:data:`SUSCEPTIBILITY_COLUMNS`), sorted by step; empty
+        with those columns when none was written."""
+        table = self.read_table(SUSCEPTIBILITIES_FILE)
+        if not len(table):
+            return _empty_susceptibilities()
+        for col in ("component", "probe"):
+            table[col] = table[col].astype(str)
+        return table[list(SUSCEPTIBILITY_COLUMNS)]
+
     # -- snapshots and traces ------------------------------------------------------------------
     def snapshot_path(self, step: int) -> Path:
         """Where the weight snapshot of ``step`` is (or would be) saved."""
@@ -464,6 +580,11 @@ class Run:
             those columns when the run has none).
         component_stages: stages of every component's curve (``stages_components.json``:
             ``{component: [stage, ...]}``), or None when not detected.
+        influence: probe influence by checkpoint (``influence/``), one row per (step,
+            train_index, query_index): ``influence, se, kind, status, reason``; a failed
+            checkpoint is one row with empty indices; empty with those columns when none.
+        susceptibilities: ``step, component, probe, susceptibility, se``
+            (``susceptibilities.csv``; empty with those columns when none).
     """
 
     path: Path
@@ -475,6 +596,8 @@ class Run:
     snapshots: dict = field(default_factory=dict)
     components: pd.DataFrame = field(default_factory=lambda: _empty_components())
     component_stages: dict | None = None
+    influence: pd.DataFrame = field(default_factory=lambda: _empty_influence())
+    susceptibilities: pd.DataFrame = field(default_factory=lambda: _empty_susceptibilities())
 
     @property
     def mixed_settings(self) -> bool:
@@ -496,6 +619,11 @@ class Run:
     def trace_steps(self) -> list[int]:
         """Steps whose chain loss traces were saved."""
         return RunStore(self.path).trace_steps()
+
+    def influence_inputs(self) -> dict[str, np.ndarray]:
+        """The saved inputs of the probe set and the training samples of :attr:`influence`
+        (``query_inputs``, ``train_inputs``, ``train_index``; those saved)."""
+        return RunStore(self.path).influence_inputs()
 
 
 def load_run(path: str | os.PathLike) -> Run:
@@ -520,6 +648,8 @@ def load_run(path: str | os.PathLike) -> Run:
         snapshots=store.snapshots(),
         components=store.read_components(),
         component_stages=_component_stages(store),
+        influence=store.read_influence(),
+        susceptibilities=store.read_susceptibilities(),
     )
 
 
@@ -528,6 +658,21 @@ def _empty_components() -> pd.DataFrame:
     return pd.DataFrame({"component": pd.Series([], dtype="object"),
                          "step": pd.Series([], dtype="int64"),
                          **{c: pd.Series([], dtype=d) for c, d in _LLC_COLUMNS}})
+
+
+def _empty_influence() -> pd.DataFrame:
+    """:attr:`Run.influence` of a run without probe influence."""
+    dtypes = {"step": "int64", "train_index": "Int64", "query_index": "Int64",
+              "influence": "float64", "se": "float64"}
+    return pd.DataFrame({c: pd.Series([], dtype=dtypes.get(c, "object"))
+                         for c in INFLUENCE_COLUMNS})
+
+
+def _empty_susceptibilities() -> pd.DataFrame:
+    """:attr:`Run.susceptibilities` of a run without susceptibilities."""
+    return pd.DataFrame({c: pd.Series([], dtype="int64" if c == "step" else
+                                      "float64" if c in ("susceptibility", "se") else "object")
+                         for c in SUSCEPTIBILITY_COLUMNS})
 
 
 def _component_stages(store: RunStore) -> dict | None:
