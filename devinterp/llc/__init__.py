@@ -26,7 +26,12 @@ from devinterp.llc.errors import (
     NonFiniteCurvatureError,
     NonFiniteLossError,
 )
-from devinterp.llc.estimate import DEFAULT_LOCALIZATION, SMALL_MODEL_WORK, estimate_llc
+from devinterp.llc.estimate import (
+    DEFAULT_LOCALIZATION,
+    SMALL_MODEL_WORK,
+    calibrate_step_size,
+    estimate_llc,
+)
 from devinterp.llc.observables import ProbeLosses
 from devinterp.llc.problem import at_weights, parameter_aliases, sampled_parameters
 from devinterp.llc.refined import estimate_refined_llc
@@ -34,7 +39,7 @@ from devinterp.llc.result import LLCResult, merge_results
 
 __all__ = [
     "DEFAULT_LOCALIZATION", "SMALL_MODEL_WORK", "AllChainsDivergedError", "LLCResult",
-    "NonFiniteCurvatureError", "NonFiniteLossError", "ProbeLosses", "at_weights",
+    "NonFiniteCurvatureError", "NonFiniteLossError", "ProbeLosses", "at_weights", "calibrate_step_size",
     "check_weights", "estimate_llc", "estimate_refined_llc", "merge_results", "parameter_aliases",
     "sampled_parameters",
 ]

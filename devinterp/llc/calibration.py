@@ -15,15 +15,18 @@ import torch
 from torch import Tensor
 from torch.func import grad
 
-from devinterp.health import TARGET_ACCEPTANCE
+from devinterp.health import TARGET_ACCEPTANCE, rule_for
 from devinterp.llc import driver
 from devinterp.llc.errors import NonFiniteCurvatureError
 from devinterp.llc.problem import Problem
 from devinterp.samplers import Kernel
 
-__all__ = ["calibrate", "hessian_top", "step_cap"]
+__all__ = ["NEAR_MINIMUM_BELOW", "calibrate", "hessian_top", "step_cap"]
 
 STEP_CAP = 0.1
+#: w* counts as near a minimum when at most this fraction of the pilot chains' draws fall below
+#: the paired baseline L_B(w*) (the health rule's bound): on a slope the chains run downhill.
+NEAR_MINIMUM_BELOW = rule_for("frac_below_baseline").high
 
 
 def hessian_top(prob: Problem, params: dict[str, Tensor], batch: Any, iters: int = 6,
@@ -107,13 +110,14 @@ def calibrate(prob: Problem, *, seed: int, nbeta: float, localization: float,
             num_draws=pilot_steps - pilot_steps // 2, vectorize=vectorize, accept_every=2)
         acc = float(np.nanmean(run.accept)) if np.isfinite(run.accept).any() else 0.0
         diverged = bool(run.diverged.any())
+        below = float(np.mean(run.loss < run.baseline[None, :])) if not diverged else 1.0
         h = 0.0
         if not diverged:
             h, m = hessian_top(prob, {k: v[0].contiguous() for k, v in run.final.items()},
                                 batch, seed=seed, where="a pilot chain's last draw")
             method = m if m != "hvp" else method
         rounds.append({"step_size": eps, "acceptance": acc, "diverged": diverged,
-                       "hessian_top": h})
+                       "hessian_top": h, "frac_below_baseline": below})
         new = eps
         if diverged:
             new = eps / 10
@@ -131,4 +135,5 @@ def calibrate(prob: Problem, *, seed: int, nbeta: float, localization: float,
             f"step_size='auto' found no usable step (ε = {eps}; calibration rounds: {rounds}); "
             "pass step_size=... explicitly")
     return eps, {"calibration_rounds": len(rounds), "hessian_top": h0, "calibration": rounds,
-                 "calibration_acceptance": rounds[-1]["acceptance"], "curvature_method": method}
+                 "calibration_acceptance": rounds[-1]["acceptance"], "curvature_method": method,
+                 "near_minimum": rounds[-1]["frac_below_baseline"] <= NEAR_MINIMUM_BELOW}

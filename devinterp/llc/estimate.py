@@ -27,7 +27,7 @@ from devinterp.llc.problem import (
 from devinterp.llc.result import LLCResult, summarize
 from devinterp.samplers import get_kernel
 
-__all__ = ["DEFAULT_LOCALIZATION", "SMALL_MODEL_WORK", "estimate_llc"]
+__all__ = ["DEFAULT_LOCALIZATION", "SMALL_MODEL_WORK", "calibrate_step_size", "estimate_llc"]
 
 _DEFAULT = SamplerConfig()
 DEFAULT_LOCALIZATION = _DEFAULT.localization
@@ -133,18 +133,8 @@ def estimate_llc(
         "nbeta": nbeta, "sampler": sampler, "seed": seed, "num_samples": num_samples,
         "chain_chunk_size": chain_chunk_size, "vectorize": vectorize,
         "num_threads": num_threads, "weights": weights})
-    if (loss_fn is None) == (batch_loss is None):
-        raise TypeError("pass exactly one of loss_fn(outputs, targets) or "
-                        "batch_loss(forward, batch)")
-    params = sampled_parameters(model, cfg.weights)
-    prob, meta = _build_problem(model, data, params, loss_fn, batch_loss, cfg, device)
-    nbeta = _default_nbeta(prob.source.n) if cfg.nbeta is None else float(cfg.nbeta)
-    use_threads = _thread_policy(cfg, params, prob.device)
-    notes: list[str] = []
-    with sampling(model, prob.device, use_threads) as threads:
-        check_loss(prob, cfg.seed)
-        vectorize = cfg.vectorize and (cfg.num_chains == 1 or vmap_works(prob, cfg.seed, notes))
-        _cache_baseline(prob, cfg, loss_fn)
+    with _prepared(model, data, loss_fn, batch_loss, cfg, device) as (
+            prob, params, meta, nbeta, vectorize, notes, use_threads, threads):
         eps, calib = _step_size(prob, cfg, nbeta, vectorize)
         t_cal = time.perf_counter() - t_start
         for recorder in recorders:
@@ -173,6 +163,55 @@ def estimate_llc(
                        np.concatenate([r.diverged for r in runs]), settings, extra)
     result.warnings[:0] = notes
     return result
+
+
+def calibrate_step_size(
+    model: nn.Module,
+    data: Dataset | DataLoader | tuple[Tensor, Tensor],
+    loss_fn: LossFn | None = None,
+    *,
+    batch_loss: BatchLoss | None = None,
+    device: str | torch.device | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """The step ``estimate_llc(..., step_size="auto")`` would choose at these weights, without
+    running the chains: what run-level calibration (one ε for every checkpoint of a run) calls.
+
+    ``options`` are :func:`estimate_llc`'s sampler options (``step_size`` must stay ``"auto"``).
+    Returns ``step_size``, ``nbeta``, ``near_minimum`` (the pilot chains rarely fall below the
+    paired baseline: w* is near a local minimum, not on a slope), ``calibration_s`` and the
+    calibration's details (rounds, top curvature).
+    """
+    t_start = time.perf_counter()
+    cfg = SamplerConfig.from_options(options)
+    if cfg.step_size != "auto":
+        raise ValueError(f"calibrate_step_size chooses the step; got step_size="
+                         f"{cfg.step_size!r}: leave it unset")
+    with _prepared(model, data, loss_fn, batch_loss, cfg, device) as (
+            prob, _, _, nbeta, vectorize, _, _, _):
+        eps, calib = _step_size(prob, cfg, nbeta, vectorize)
+    return {"step_size": float(eps), "nbeta": nbeta, **calib,
+            "calibration_s": time.perf_counter() - t_start}
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, data: Any, loss_fn: LossFn | None, batch_loss: BatchLoss | None,
+              cfg: SamplerConfig, device: str | torch.device | None) -> Iterator[tuple]:
+    """Everything an estimate needs before its chains: the problem (checked), nβ, whether
+    chains vectorize, the thread policy; sampling runs inside :func:`sampling`."""
+    if (loss_fn is None) == (batch_loss is None):
+        raise TypeError("pass exactly one of loss_fn(outputs, targets) or "
+                        "batch_loss(forward, batch)")
+    params = sampled_parameters(model, cfg.weights)
+    prob, meta = _build_problem(model, data, params, loss_fn, batch_loss, cfg, device)
+    nbeta = _default_nbeta(prob.source.n) if cfg.nbeta is None else float(cfg.nbeta)
+    use_threads = _thread_policy(cfg, params, prob.device)
+    notes: list[str] = []
+    with sampling(model, prob.device, use_threads) as threads:
+        check_loss(prob, cfg.seed)
+        vectorize = cfg.vectorize and (cfg.num_chains == 1 or vmap_works(prob, cfg.seed, notes))
+        _cache_baseline(prob, cfg, loss_fn)
+        yield prob, params, meta, nbeta, vectorize, notes, use_threads, threads
 
 
 @contextlib.contextmanager
