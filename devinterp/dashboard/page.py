@@ -42,6 +42,7 @@ from devinterp.dashboard.figures import (
     run_color,
     warning_rule,
 )
+from devinterp.dashboard.influence import influence_panel, susceptibility_panel
 from devinterp.run.store import Run, load_run
 
 #: Loss-trace values embedded in a written HTML file (chains × draws summed over checkpoints).
@@ -414,6 +415,8 @@ def build_page(runs: Sequence[Run], *, refs: Sequence[str] | None = None,
         },
         "stages": stage_table(runs, names),
         "components": components_figure(runs, names),
+        "influence": influence_panel(runs, names),
+        "susceptibilities": susceptibility_panel(runs, names),
         "settings": settings_table(runs, names),
         "config": key_value_table([r.meta for r in runs], names),
         "traces": traces,

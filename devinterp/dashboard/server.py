@@ -49,21 +49,28 @@ from devinterp.dashboard.page import (
     trace_payload,
 )
 from devinterp.run.store import (
+    COMPONENT_STAGES_FILE,
+    COMPONENTS_FILE,
+    INFLUENCE_DIR,
     LLC_FILE,
     METRICS_FILE,
     RUN_FILE,
     SETTINGS_FILE,
     SNAPSHOT_DIR,
     STAGES_FILE,
+    SUSCEPTIBILITIES_FILE,
     TRACE_DIR,
     Run,
     load_run,
 )
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-_SKIP_DIRS = {SNAPSHOT_DIR, TRACE_DIR, "__pycache__", "node_modules"}
+_SKIP_DIRS = {SNAPSHOT_DIR, TRACE_DIR, INFLUENCE_DIR, "__pycache__", "node_modules"}
 #: The files of a run directory that :func:`devinterp.run.store.load_run` reads.
-_RUN_FILES = (LLC_FILE, METRICS_FILE, SETTINGS_FILE, RUN_FILE, STAGES_FILE)
+_RUN_FILES = (LLC_FILE, METRICS_FILE, SETTINGS_FILE, RUN_FILE, STAGES_FILE, COMPONENTS_FILE,
+              COMPONENT_STAGES_FILE, SUSCEPTIBILITIES_FILE)
+#: Its folders whose files loading it reads (checked like the files above), by suffix.
+_RUN_DIRS = ((TRACE_DIR, ".npy"), (INFLUENCE_DIR, (".csv", ".npy")))
 #: A client that goes away mid-answer (a closed tab, a poll cut short): not worth a traceback.
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
@@ -95,12 +102,13 @@ def check_run_files(root: Path, run_dir: Path) -> None:
     the reading thread forever.
     """
     candidates = [run_dir / name for name in _RUN_FILES]
-    traces = run_dir / TRACE_DIR
-    if os.path.lexists(traces):
-        _require_inside(root, traces)
-        if traces.is_dir():
-            with os.scandir(traces) as it:
-                candidates += [traces / e.name for e in it if e.name.endswith(".npy")]
+    for name, suffixes in _RUN_DIRS:
+        folder = run_dir / name
+        if os.path.lexists(folder):
+            _require_inside(root, folder)
+            if folder.is_dir():
+                with os.scandir(folder) as it:
+                    candidates += [folder / e.name for e in it if e.name.endswith(suffixes)]
     for path in candidates:
         if not os.path.lexists(path):
             continue
@@ -125,7 +133,8 @@ def _rel(root: Path, path: Path) -> str:
 
 
 def dir_signature(path: Path) -> tuple:
-    """Names, sizes and modification times of a run directory's files (and its traces).
+    """Names, sizes and modification times of a run directory's files (and its traces and
+    influence folders: a new checkpoint's file changes the folder's modification time).
 
     Symlinks are followed (their targets were checked by :func:`check_run_files`), so a link
     to a table that grows still changes the signature.
@@ -135,7 +144,7 @@ def dir_signature(path: Path) -> tuple:
         for e in it:
             if e.name.startswith("."):
                 continue
-            if e.is_file() or e.name == TRACE_DIR:
+            if e.is_file() or e.name in (TRACE_DIR, INFLUENCE_DIR):
                 st = e.stat()
                 entries.append((e.name, st.st_mtime_ns, st.st_size))
     return tuple(sorted(entries))

@@ -455,14 +455,19 @@ class RunStore:
     def write_susceptibilities(self, step: int, frame: pd.DataFrame) -> None:
         """Write (or replace) the susceptibilities of checkpoint ``step``: the DataFrame of
         :func:`devinterp.estimate_susceptibilities` (``component, probe, susceptibility,
-        se``)."""
+        se``), its row order kept (the heatmap's order), under the lock."""
         missing = set(SUSCEPTIBILITY_COLUMNS[1:]) - set(frame.columns)
         if missing:
             raise ValueError(f"a susceptibility frame needs the columns component, probe, "
                              f"susceptibility, se; it lacks {sorted(missing)}")
-        rows = [{"step": int(step), **r} for r in
-                frame[list(SUSCEPTIBILITY_COLUMNS[1:])].to_dict("records")]
-        self.upsert_rows(SUSCEPTIBILITIES_FILE, rows, key=("step", "component", "probe"))
+        new = frame[list(SUSCEPTIBILITY_COLUMNS[1:])].astype({"component": str, "probe": str})
+        new.insert(0, "step", int(step))
+        with self.lock():
+            old = self.read_table(SUSCEPTIBILITIES_FILE)
+            old = old[old["step"] != int(step)]
+            table = pd.concat([old, new], ignore_index=True) if len(old) else new
+            self._write_table(SUSCEPTIBILITIES_FILE,
+                              table.sort_values("step", kind="stable").reset_index(drop=True))
 
     def read_susceptibilities(self) -> pd.DataFrame:
         """The susceptibility table (:data:`SUSCEPTIBILITY_COLUMNS`), sorted by step; empty

@@ -18,6 +18,8 @@
   var traceCache = {};
   var traceRequest = 0;
   var llcTableStale = true;
+  var influenceState = {step: null, query: null};
+  var susceptibilityStep = null;
 
   function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
   function fmt(x) { return x === null || x === undefined ? "—" : Number(x).toPrecision(4); }
@@ -298,6 +300,88 @@
     }
   }
 
+  // A select's options; keeps `current` when it is still offered, else the last option.
+  function fillSelect(select, values, label, current) {
+    clear(select);
+    values.forEach(function (v) {
+      var o = el("option", "", label(v));
+      o.value = String(v);
+      select.appendChild(o);
+    });
+    select.disabled = !values.length;
+    var pick = values.indexOf(current) >= 0 ? current :
+      (values.length ? values[values.length - 1] : null);
+    if (pick !== null) select.value = String(pick);
+    return pick;
+  }
+
+  function thumb(src, caption) {
+    var box = el("figure", "thumb");
+    var img = el("img");
+    img.src = src;
+    img.alt = caption;
+    box.appendChild(img);
+    box.appendChild(el("figcaption", "", caption));
+    return box;
+  }
+
+  function renderInfluence() {
+    var inf = page.influence;
+    byId("influence").hidden = !inf;
+    if (!inf) return;
+    var caption = byId("influence-caption");
+    var queries = inf.queries.map(function (q) { return q.index; });
+    influenceState.step = fillSelect(byId("influence-step"), inf.steps,
+      function (s) { return "step " + s; }, influenceState.step);
+    influenceState.query = fillSelect(byId("influence-query"), queries,
+      function (q) { return "probe " + q; },
+      influenceState.query === null ? queries[0] : influenceState.query);
+    var tableBox = byId("influence-table"), grid = byId("influence-grid");
+    var queryBox = byId("influence-query-image");
+    clear(tableBox); clear(grid); clear(queryBox);
+    var failed = inf.failed.map(function (f) { return "step " + f.step + ": " + f.reason; });
+    caption.textContent = inf.run + " · " + inf.kind +
+      (inf.more_queries ? " · first " + queries.length + " probes shown" : "") +
+      (failed.length ? " · no influence at " + failed.join("; ") : "");
+    if (influenceState.step === null || influenceState.query === null) {
+      tableBox.appendChild(empty("No checkpoint has probe influence yet."));
+      return;
+    }
+    var rows = inf.top[String(influenceState.step)][String(influenceState.query)] || [];
+    tableBox.appendChild(makeTable(["rank", "training sample", "influence", "± se"],
+      rows.map(function (r) { return [String(r[0]), String(r[1]), fmt(r[2]), fmt(r[3])]; })));
+    var query = inf.queries[queries.indexOf(influenceState.query)];
+    if (query && query.image) queryBox.appendChild(thumb(query.image, "probe " + query.index));
+    rows.forEach(function (r) {
+      var src = inf.train_images[String(r[1])];
+      if (src) grid.appendChild(thumb(src, "#" + r[0] + " · sample " + r[1]));
+    });
+  }
+
+  function renderSusceptibilities() {
+    var sus = page.susceptibilities;
+    byId("susceptibilities").hidden = !sus;
+    if (!sus) return;
+    susceptibilityStep = fillSelect(byId("susceptibility-step"), sus.steps,
+      function (s) { return "step " + s; }, susceptibilityStep);
+    var box = byId("susceptibility-heatmap");
+    clear(box);
+    var grid = sus.cells[String(susceptibilityStep)];
+    var table = makeTable(["component"].concat(sus.probes), sus.components.map(function (c, i) {
+      return [c].concat(grid[i].map(function (cell) { return fmt(cell[0]); }));
+    }), {cellClass: function (r, k) { return k > 0 ? "cell" : ""; }});
+    table.className = "heatmap";
+    var trs = table.tBodies[0].rows;
+    sus.components.forEach(function (c, i) {
+      grid[i].forEach(function (cell, j) {
+        var td = trs[i].cells[j + 1];
+        td.style.backgroundColor = cell[2];
+        td.title = c + " × " + sus.probes[j] + ": " + fmt(cell[0]) + " ± " + fmt(cell[1]);
+      });
+    });
+    box.appendChild(table);
+  }
+
   function listenForClicks(id) {
     var gd = byId(id);
     if (gd.on && !gd.__dashboardClicks) {
@@ -330,6 +414,8 @@
         renderKeyValues("settings-table", page.settings, "sampler settings (settings.json)");
         renderKeyValues("config-table", page.config, "run configuration (run.json)");
         if (byId("llc-details").open) renderLlcTable(); else llcTableStale = true;
+        renderInfluence();
+        renderSusceptibilities();
         var jobs = [renderTraceControls()];
         var comps = page.components;
         byId("components").hidden = !comps;
@@ -382,6 +468,18 @@
   byId("trace-step").addEventListener("change", function (ev) {
     traceState.step = Number(ev.target.value);
     showTrace();
+  });
+  byId("influence-step").addEventListener("change", function (ev) {
+    influenceState.step = Number(ev.target.value);
+    renderInfluence();
+  });
+  byId("influence-query").addEventListener("change", function (ev) {
+    influenceState.query = Number(ev.target.value);
+    renderInfluence();
+  });
+  byId("susceptibility-step").addEventListener("change", function (ev) {
+    susceptibilityStep = Number(ev.target.value);
+    renderSusceptibilities();
   });
   byId("llc-details").addEventListener("toggle", function () {
     if (byId("llc-details").open && llcTableStale) renderLlcTable();
