@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from devinterp.config import SamplerConfig
+from devinterp.influence import DEFAULT_NUM_TRAIN, ProbeInfluence
 from devinterp.run.store import LLC_FILE, RunStore
 from devinterp.tracking.distributed import check_strategy, gather, merge
 from devinterp.tracking.estimate import (
@@ -156,6 +157,18 @@ class LLCCallback(Callback):
             llc_std, ...``), their metrics to the loggers as ``llc/<component>/mean`` and
             ``/std``, and at the end of inline training the stages of every curve to
             ``stages_components.json``. Not with ``weights``.
+        probes: a small probe set (``(inputs, targets)`` tensors, a Dataset or a DataLoader,
+            as :func:`devinterp.estimate_bif`'s ``query``): at every inline estimate, the
+            Bayesian influence of ``influence_train`` training samples (drawn once from the
+            data with ``seed``, the same at every step) on each probe, from the same draws as
+            λ̂ (one estimate). Written to ``dirpath/influence/step_*.csv`` (long: ``step,
+            train_index, query_index, influence, se, kind, status, reason``; read as
+            :attr:`devinterp.Run.influence`) with the inputs in ``influence/*.npy``. A step
+            whose λ̂ or influence fails is a failed influence row, λ̂ untouched. Inline mode
+            only, one process (not under DDP).
+        influence_train: training samples whose influence on the probes is recorded
+            (default :data:`devinterp.influence.DEFAULT_NUM_TRAIN`; each costs a forward pass
+            per draw and chain).
         data: data to sample with (see above). Default: the training data.
         loss_fn: ``loss_fn(outputs, targets)`` (see above). Default: the module's
             ``llc_batch_loss``, ``loss_fn`` or ``training_step``.
@@ -189,6 +202,8 @@ class LLCCallback(Callback):
         num_threads: int | None = None,
         weights: list[str] | None = None,
         components: str | dict[str, list[str]] | None = None,
+        probes: Any = None,
+        influence_train: int | None = None,
         data: Any = None,
         loss_fn: Callable[..., torch.Tensor] | None = None,
         save_traces: bool = True,
@@ -206,6 +221,13 @@ class LLCCallback(Callback):
             raise ValueError("LLCCallback: give weights=[...] (one refined λ̂) or components= "
                              "(one λ̂ per component), not both")
         self.components = components
+        self.influence: ProbeInfluence | None = None
+        if probes is not None:
+            if mode != "inline":
+                raise ValueError("LLCCallback: probes= records influence from the inline "
+                                 "estimates' draws; use mode='inline' (or devinterp.estimate_bif "
+                                 "on the snapshots of a deferred run)")
+            self.influence = ProbeInfluence(probes, num_train=influence_train or DEFAULT_NUM_TRAIN)
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -239,6 +261,9 @@ class LLCCallback(Callback):
         self._batch_step = 0
         self._saved_since_flush = False
         self._component_names: list[str] = []
+        self._recorder: Any = None
+        self._recorder_error: str | None = None
+        self._inputs_saved = False
 
     # -- identity and resumable state ----------------------------------------------------------
     @property
@@ -270,6 +295,9 @@ class LLCCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
+        if self.influence is not None and trainer.world_size > 1:
+            raise ValueError("LLCCallback: probes= is not supported under DDP yet; train on "
+                             "one device, or run devinterp.estimate_bif on the snapshots")
         if trainer.fast_dev_run:
             self._disabled = True
             self._warn_once("fast_dev_run", "LLCCallback is disabled under fast_dev_run")
@@ -395,6 +423,8 @@ class LLCCallback(Callback):
         outcomes = self._estimate_on_ranks(trainer, pl_module, train_loss)
         if trainer.is_global_zero:
             self._write_and_log(trainer, step, outcomes, start)
+            if self.influence is not None:
+                self._influence_step(step, merge(outcomes))
         if self.components is not None:
             self._components_step(trainer, pl_module, step, train_loss)
 
@@ -454,12 +484,22 @@ class LLCCallback(Callback):
 
     def _estimate(self, pl_module: pl.LightningModule, first: int, count: int) -> Any:
         """This rank's chains: an ``LLCResult``, or an :class:`EstimateFailure` for any error
-        (a vmap failure, sdpa, a dtype mismatch, a loss that is not a scalar ...)."""
+        (a vmap failure, sdpa, a dtype mismatch, a loss that is not a scalar ...). With
+        probes, their recorder rides on the same draws (it cannot fail the estimate)."""
+        self._recorder = self._recorder_error = None
+        if self.influence is not None:
+            try:
+                self._recorder = self.influence.recorder(
+                    self._data, num_chains=count, first_chain=first,
+                    seed=int(self.options.get("seed") or 0))
+            except Exception as e:  # noqa: BLE001 - influence never takes λ̂ down with it
+                self._recorder_error = f"{type(e).__name__}: {first_line(e)}"
+        recorders = [self._recorder] if self._recorder is not None else []
         try:
             with preserved_training_state(pl_module):
                 return run_estimator(pl_module, self._data, loss_fn=self._loss.loss_fn,
                                      batch_loss=self._loss.batch_loss, options=self.options,
-                                     first_chain=first, num_chains=count)
+                                     first_chain=first, num_chains=count, recorders=recorders)
         except Exception as e:  # noqa: BLE001 - a diagnostic must never end the training run
             _log.debug("LLCCallback: the estimate failed", exc_info=True)
             return EstimateFailure(f"{type(e).__name__}: {first_line(e)}")
@@ -487,6 +527,35 @@ class LLCCallback(Callback):
             log_metrics(trainer.loggers, step, result.metrics())  # guarded: see LoggerGuard
         if self.progress and row is not None:
             self._print(describe(row, time.perf_counter() - start))
+
+    def _influence_step(self, step: int, result: Any) -> None:
+        """On global rank 0: the probes' influence of this step from the draws of its λ̂ (or
+        a failed row saying why there is none), and once the inputs that draw it."""
+        from devinterp.influence import influence_rows
+
+        recorder, self._recorder = self._recorder, None
+        reason = (result.reason if isinstance(result, EstimateFailure)
+                  else self._recorder_error or (None if recorder else "no chain was run"))
+        bif = None
+        if reason is None:
+            try:
+                bif = self.influence.result(recorder, result)
+            except Exception as e:  # noqa: BLE001 - a diagnostic never ends training
+                reason = first_line(e)
+        if reason is not None:
+            self._warn_once(f"influence:{reason}", (
+                f"LLCCallback: no probe influence at step {step} ({reason}); training goes on, "
+                "the influence row is marked failed"))
+        with self._contained("influence", f"write the probe influence of step {step}"):
+            if bif is None:
+                self._store.write_influence(step, reason=reason, kind=self.influence.kind)
+                return
+            self._store.write_influence(step, influence_rows(bif), kind=bif.kind)
+            if not self._inputs_saved:
+                query_inputs, train_inputs = self.influence.inputs()
+                self._store.save_influence_inputs(query_inputs, train_inputs,
+                                                  self.influence.train_indices)
+                self._inputs_saved = True
 
     @contextlib.contextmanager
     def _contained(self, key: str, what: str) -> Iterator[None]:

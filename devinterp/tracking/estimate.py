@@ -8,7 +8,7 @@ A step without λ̂ (every chain diverged, a non-finite loss at w*, an estimator
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -74,9 +74,11 @@ def run_estimator(
     options: Mapping[str, Any] | None = None,
     first_chain: int = 0,
     num_chains: int | None = None,
+    recorders: Sequence[Any] = (),
 ) -> Any:
     """Run :func:`devinterp.estimate_llc` on chains ``[first_chain, first_chain + num_chains)``,
-    with ``self.log`` silenced and the optimizer out of reach (:func:`estimating`).
+    with ``self.log`` silenced and the optimizer out of reach (:func:`estimating`);
+    ``recorders`` see its draws (e.g. :meth:`devinterp.influence.ProbeInfluence.recorder`).
 
     Returns the ``LLCResult``, or an :class:`EstimateFailure` when the checkpoint has no λ̂:
     every chain diverged, or the loss at w* is not finite. Other errors propagate.
@@ -89,7 +91,8 @@ def run_estimator(
     try:
         with estimating(model):
             return estimate_llc(model, data, loss_fn, batch_loss=batch_loss,
-                                first_chain=first_chain, progress=False, **kwargs)
+                                first_chain=first_chain, progress=False, recorders=recorders,
+                                **kwargs)
     except (AllChainsDivergedError, NonFiniteLossError) as e:
         return EstimateFailure(first_line(e))
 
