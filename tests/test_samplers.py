@@ -9,7 +9,7 @@ import torch
 
 from devinterp.config import SAMPLER_NAMES, SamplerConfig
 from devinterp.samplers import KERNELS, get_kernel
-from devinterp.samplers.langevin import mala_log_accept, preconditioner, sq_distance
+from devinterp.samplers.langevin import drift, mala_log_accept, move, sq_distance
 
 NAMES = sorted(KERNELS)
 
@@ -72,7 +72,7 @@ def test_mala_acceptance_tends_to_one_as_the_step_shrinks(name):
         w, w2 = start["w"], new.position["w"]
         drift_new = {"w": (nbeta * a + gamma) * w2}
         log_a = mala_log_accept(start, new.position, potential(w), potential(w2),
-                                info["drift"], drift_new, eps, preconditioner(info))
+                                info["drift"], drift_new, eps, info["root"])
         mean_acceptance.append(torch.exp(torch.clamp(log_a, max=0)).mean().item())
     assert mean_acceptance == sorted(mean_acceptance)
     assert mean_acceptance[-1] > 0.99
@@ -118,7 +118,39 @@ def test_rmsprop_preconditioner_is_frozen_after_burn_in():
         state, info = kernel.step(state, grads, {"w": torch.zeros(4, 3)}, anchor=pos,
                                   step_size=1e-2, nbeta=10.0, localization=1.0, adapt=t < 3)
         if t == 2:
-            frozen = preconditioner(info)["w"].clone()
-    torch.testing.assert_close(preconditioner(info)["w"], frozen)
-    assert (frozen <= 1.0).all()  # G ≤ 1/δ with δ = √γ
+            frozen = info["root"]["w"].clone()
+    torch.testing.assert_close(info["root"]["w"], frozen)
+    assert (frozen <= 1.0).all()  # √G ≤ G ≤ 1/δ = 1 with δ = √γ = 1
     assert state.average is None  # V is dropped once adaptation ends
+
+
+@pytest.mark.parametrize("with_root", [False, True])
+@pytest.mark.parametrize("per_chain_eps", [False, True])
+def test_the_in_place_step_and_mala_ratio_are_the_textbook_formulas(with_root, per_chain_eps):
+    """``move`` and ``mala_log_accept`` compute into their own buffers; the numbers are those
+    of the formulas written out with temporaries, and ``drift(out=grad)`` is ``drift``."""
+    g = torch.Generator().manual_seed(3)
+    pos, new_pos, anchor, grad, xi, root = (
+        {"a": torch.randn(3, 4, 5, generator=g), "b": torch.randn(3, generator=g)}
+        for _ in range(6))
+    root = {k: v.abs() + 0.1 for k, v in root.items()} if with_root else None
+    eps = torch.tensor([1e-3, 2e-3, 5e-4], dtype=torch.float64) if per_chain_eps else 1e-3
+    d = drift(pos, grad, anchor, 10.0, 1.0)
+    copy = {k: v.clone() for k, v in grad.items()}
+    d_out = drift(pos, copy, anchor, 10.0, 1.0, out=copy)
+    for k in pos:
+        assert d_out[k].data_ptr() == copy[k].data_ptr()
+        torch.testing.assert_close(d_out[k], d[k], rtol=0, atol=0)
+    new = move(pos, d, xi, eps, root)
+    fwd = bwd = 0.0
+    for k, w in pos.items():
+        e = eps.float().view(-1, *([1] * (w.dim() - 1))) if per_chain_eps else eps
+        G = 1.0 if root is None else root[k] ** 2
+        want = w - 0.5 * e * G * d[k] + (e * G) ** 0.5 * xi[k]
+        torch.testing.assert_close(new[k], want, rtol=1e-6, atol=1e-7)
+        var = e * G
+        fwd = fwd + ((new_pos[k] - w + 0.5 * var * d[k]) ** 2 / var).reshape(3, -1).sum(1)
+        bwd = bwd + ((w - new_pos[k] + 0.5 * var * grad[k]) ** 2 / var).reshape(3, -1).sum(1)
+    u, u_new = torch.zeros(3), torch.ones(3)
+    got = mala_log_accept(pos, new_pos, u, u_new, d, grad, eps, root)
+    torch.testing.assert_close(got, (u - u_new) + 0.5 * (fwd - bwd), rtol=1e-5, atol=1e-3)

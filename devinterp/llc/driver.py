@@ -26,7 +26,6 @@ from devinterp.samplers.langevin import (
     StepSize,
     drift,
     mala_log_accept,
-    preconditioner,
     sq_distance,
 )
 
@@ -170,15 +169,16 @@ class MalaRecorder:
 
     def on_transition(self, gradients: Callable, old: Position, new: Position, info: dict,
                       losses: Tensor, base: Tensor, anchor: Position, batch: Any) -> None:
-        grads_new, losses_new = gradients(new, batch)
         with torch.no_grad():
             u = self.nbeta * (losses - base) + 0.5 * self.gamma * sq_distance(
                 old, anchor).double()
+        grads_new, losses_new = gradients(new, batch)
+        with torch.no_grad():
             u_new = self.nbeta * (losses_new.detach().double() - base) + (
                 0.5 * self.gamma * sq_distance(new, anchor).double())
-            dr_new = drift(new, grads_new, anchor, self.nbeta, self.gamma)
+            dr_new = drift(new, grads_new, anchor, self.nbeta, self.gamma, out=grads_new)
             log_a = mala_log_accept(old, new, u, u_new, info["drift"], dr_new, self.eps,
-                                    preconditioner(info))
+                                    info["root"])
             self.sum += torch.exp(torch.clamp(torch.nan_to_num(log_a, nan=-1e30), max=0.0))
             self.count += 1
 
@@ -290,24 +290,26 @@ def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kerne
             new, info = kernel.step(state, grads, xi, anchor=anchor,
                                     step_size=step_size, nbeta=nbeta,
                                     localization=localization, adapt=t < num_burnin)
+        # Released before the MALA check's gradient and the next step's, the peaks of a step:
+        # the gradient, the noise and the old state (with RMSProp's squared-drift average until
+        # the first draw) would otherwise stay alive through them.
+        del grads, xi
+        old, state = state.position, new
         if draw >= 0 and mala.due(draw):
-            mala.on_transition(gradients, state.position, new.position, info, losses, base,
-                               anchor, batch)
-        # Released before the next step's gradient, the peak of the step: the gradient and the
-        # drift would otherwise stay alive through it (two parameter-sized copies per chain).
-        del grads, info, xi
+            mala.on_transition(gradients, old, new.position, info, losses, base, anchor, batch)
+        del info
         if (not free or t % _CHECK_EVERY == _CHECK_EVERY - 1 or t == total - 1) and bool(
                 monitor.model_nan.any()):
-            _raise_model_nan(monitor, state.position, anchor, base, bad, exact=not free)
+            _raise_model_nan(monitor, old, anchor, base, bad, exact=not free)
+        del old
         if free or bool(bad.any()):
             with torch.no_grad():
                 # A diverged chain restarts at w* so it cannot poison later arithmetic; its
                 # records are dropped and it is left out of λ̂.
                 monitor.diverged |= bad
-                for k, v in new.position.items():
-                    new.position[k] = torch.where(
+                for k, v in state.position.items():
+                    state.position[k] = torch.where(
                         monitor.diverged.view(C, *([1] * (v.dim() - 1))), anchor[k], v)
-        state = new
         if progress is not None:
             progress.update(C)
     draws.loss[monitor.diverged] = float("nan")

@@ -15,19 +15,21 @@ import torch
 from torch import Tensor
 
 __all__ = ["Position", "StepSize", "drift", "mala_log_accept", "move", "per_chain",
-           "preconditioner", "sq_distance"]
+           "sq_distance"]
 
 Position = dict[str, Tensor]
 
 
 def drift(position: Position, grad: Position, anchor: Position, nbeta: float,
-          localization: float) -> Position:
-    """∇U(w) = nβ·∇L(w) + γ·(w − w*)."""
-    out = {}
+          localization: float, *, out: Position | None = None) -> Position:
+    """∇U(w) = nβ·∇L(w) + γ·(w − w*); written into ``out`` (e.g. ``grad`` itself, which is
+    then consumed) when given, as new tensors otherwise."""
+    res = {}
     for k, w in position.items():
-        d = torch.sub(w, anchor[k])
-        out[k] = d.mul_(localization).add_(grad[k], alpha=nbeta)
-    return out
+        d = torch.sub(w, anchor[k]).mul_(localization)
+        res[k] = d.add_(grad[k], alpha=nbeta) if out is None else torch.add(
+            d, grad[k], alpha=nbeta, out=out[k])
+    return res
 
 
 StepSize = float | Tensor
@@ -46,27 +48,29 @@ def move(position: Position, drift_: Position, noise: Position, step_size: StepS
     """One (preconditioned) Langevin step: w − (ε/2)·G·∇U(w) + √(ε·G)·ξ, as new tensors;
     ``noise`` ξ is standard normal; ``root`` is √G (None: G = 1). Kernels keep √G rather
     than G: one parameter-sized buffer per chain serves both terms. ``step_size`` is one ε, or
-    one per chain (shape (chain,), e.g. components with their own ε in one computation)."""
+    one per chain (shape (chain,), e.g. components with their own ε in one computation).
+
+    Every product is computed into the new position's own buffer (at most one more
+    temporary, with a per-chain ε): the step is the peak of a chain's memory."""
     new = {}
     for k, w in position.items():
+        r = None if root is None else root[k]
         if isinstance(step_size, Tensor):
             eps = per_chain(step_size, w)
-            r = 1.0 if root is None else root[k]
-            new[k] = w - (0.5 * eps) * (r * r) * drift_[k] + eps.sqrt() * r * noise[k]
-        elif root is None:
+            if r is None:
+                out, kick = torch.mul(0.5 * eps, drift_[k]), torch.mul(eps.sqrt(), noise[k])
+            else:
+                out = torch.mul(r, r).mul_(0.5 * eps).mul_(drift_[k])
+                kick = torch.mul(r, eps.sqrt()).mul_(noise[k])
+            new[k] = torch.sub(w, out, out=out).add_(kick)
+        elif r is None:
             new[k] = torch.add(w, drift_[k], alpha=-0.5 * step_size).add_(
                 noise[k], alpha=step_size**0.5)
         else:
-            r = root[k]
-            step = torch.addcmul(w, r, r * drift_[k], value=-0.5 * step_size)
-            new[k] = step.addcmul_(r, noise[k], value=step_size**0.5)
+            out = torch.mul(r, drift_[k])
+            torch.addcmul(w, r, out, value=-0.5 * step_size, out=out)
+            new[k] = out.addcmul_(r, noise[k], value=step_size**0.5)
     return new
-
-
-def preconditioner(info: dict) -> Position | None:
-    """G = (√G)² of a kernel step's ``info`` (None for plain SGLD), for MALA accounting."""
-    root = info.get("root")
-    return None if root is None else {k: r * r for k, r in root.items()}
 
 
 def _sum_per_chain(t: Tensor, chain_dim: bool) -> Tensor:
@@ -75,23 +79,32 @@ def _sum_per_chain(t: Tensor, chain_dim: bool) -> Tensor:
 
 
 def mala_log_accept(w: Position, w_new: Position, u: Tensor, u_new: Tensor, drift_: Position,
-                    drift_new: Position, step_size: StepSize, precond: Position | None = None,
+                    drift_new: Position, step_size: StepSize, root: Position | None = None,
                     *, chain_dim: bool = True) -> Tensor:
     """Log Metropolis-Hastings ratio of the Langevin proposal w → w_new (MALA acceptance).
 
-    ``u`` and ``u_new`` are the potentials U at both ends, per chain. An acceptance near 1 means
-    the discretization error of the step is small; far below ~0.9 means the step is too large.
+    ``u`` and ``u_new`` are the potentials U at both ends, per chain; ``root`` is the proposal's
+    √G (None: G = 1). An acceptance near 1 means the discretization error of the step is
+    small; far below ~0.9 means the step is too large. Two parameter-sized temporaries of one
+    tensor at a time: G is never materialised for the whole position.
     """
     fwd = torch.zeros_like(u)
     bwd = torch.zeros_like(u)
     for k in w:
-        g = 1.0 if precond is None else precond[k]
-        var = per_chain(step_size, w[k]) * g
-        d_fwd = w_new[k] - w[k] + 0.5 * var * drift_[k]
-        d_bwd = w[k] - w_new[k] + 0.5 * var * drift_new[k]
-        fwd = fwd + _sum_per_chain(d_fwd * d_fwd / var, chain_dim)
-        bwd = bwd + _sum_per_chain(d_bwd * d_bwd / var, chain_dim)
+        eps = per_chain(step_size, w[k])
+        var = eps if root is None else torch.mul(root[k], root[k]).mul_(eps)
+        d = _plus_half_var_times(torch.sub(w_new[k], w[k]), var, drift_[k])
+        fwd = fwd + _sum_per_chain(d.mul_(d).div_(var), chain_dim)
+        d = _plus_half_var_times(torch.sub(w[k], w_new[k], out=d), var, drift_new[k])
+        bwd = bwd + _sum_per_chain(d.mul_(d).div_(var), chain_dim)
     return (u - u_new) + 0.5 * (fwd - bwd)
+
+
+def _plus_half_var_times(d: Tensor, var: StepSize, drift_: Tensor) -> Tensor:
+    """d + (var/2)·drift, in place in ``d``."""
+    if isinstance(var, Tensor):
+        return d.addcmul_(var, drift_, value=0.5)
+    return d.add_(0.5 * var * drift_)
 
 
 def sq_distance(position: Position, anchor: Position, *, chain_dim: bool = True) -> Tensor:
