@@ -50,3 +50,11 @@ def test_uniform_attention_gives_the_exact_scores_and_heads_are_named_as_compone
     for s in scores.values():
         assert math.isclose(s["previous_token"], prev, rel_tol=1e-5)
         assert math.isclose(s["induction"], ind, rel_tol=1e-5)
+
+
+def test_the_default_repeat_distance_is_inside_the_trained_copy_distances():
+    """Copies sit copy_len to 2 × copy_len tokens after their source; the default block
+    length is 1.5 × copy_len (6 for copy_len 4)."""
+    model = small()
+    assert head_scores(model) == head_scores(model, half=6)
+    assert head_scores(model) != head_scores(model, half=10)
