@@ -12,10 +12,16 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-__all__ = ["SAMPLER_NAMES", "SamplerConfig", "check_weights", "defaults"]
+__all__ = ["AUTO_DRAWS", "AUTO_ESS", "AUTO_RHAT", "SAMPLER_NAMES", "SamplerConfig",
+           "check_weights", "defaults"]
 
 #: The samplers :mod:`devinterp.samplers` provides (its registry checks it has exactly these).
 SAMPLER_NAMES = ("sgld", "rmsprop_sgld")
+#: ``num_draws="auto"``: the first round's draws per chain; each later round doubles them, until
+#: split R-hat <= AUTO_RHAT and the ESS >= AUTO_ESS, or ``max_draws`` is reached.
+AUTO_DRAWS = 200
+AUTO_RHAT = 1.05
+AUTO_ESS = 400
 
 
 def _is_int(value: Any) -> bool:
@@ -43,6 +49,8 @@ class SamplerConfig:
     ``None`` in ``num_burnin`` / ``nbeta`` / ``num_samples`` / ``chain_chunk_size`` /
     ``num_threads`` / ``weights`` means "derived at run time" (half the draws, n/log n, the
     data's length, all chains at once, the thread policy, all trainable weights).
+    ``num_draws="auto"`` extends the chains in rounds until they converge, within
+    ``max_draws`` draws per chain (ignored otherwise).
 
     Raises:
         ValueError: a value out of range, named with its field (TypeError: ``weights`` that
@@ -50,7 +58,7 @@ class SamplerConfig:
     """
 
     num_chains: int = 8
-    num_draws: int = 400
+    num_draws: int | Literal["auto"] = 400
     num_burnin: int | None = None
     batch_size: int = 256
     step_size: float | Literal["auto"] = "auto"
@@ -63,12 +71,17 @@ class SamplerConfig:
     vectorize: bool = True
     num_threads: int | None = None
     weights: tuple[str, ...] | None = None
+    max_draws: int = 3200
 
     def __post_init__(self) -> None:
-        for name, low in (("num_chains", 1), ("num_draws", 2), ("batch_size", 1)):
+        for name, low in (("num_chains", 1), ("num_draws", 2), ("batch_size", 1),
+                          ("max_draws", 4)):
             value = getattr(self, name)
+            if name == "num_draws" and value == "auto":
+                continue
             if not _is_int(value) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= {low}"
+                                 f"{' or auto' if name == 'num_draws' else ''}, got {value!r}")
         for name, low in (("num_burnin", 0), ("num_samples", 1), ("chain_chunk_size", 1),
                           ("num_threads", 1)):
             value = getattr(self, name)
@@ -104,9 +117,19 @@ class SamplerConfig:
         return cls(**{k: v for k, v in options.items() if v is not None})
 
     @property
+    def auto_draws(self) -> bool:
+        """Whether the chains run until they converge (``num_draws="auto"``)."""
+        return self.num_draws == "auto"
+
+    @property
+    def first_draws(self) -> int:
+        """Draws per chain of the first (or only) round."""
+        return min(AUTO_DRAWS, self.max_draws) if self.auto_draws else int(self.num_draws)
+
+    @property
     def burnin(self) -> int:
-        """The burn-in steps used: ``num_burnin``, or half the draws."""
-        return self.num_draws // 2 if self.num_burnin is None else self.num_burnin
+        """The burn-in steps used: ``num_burnin``, or half the (first round's) draws."""
+        return self.first_draws // 2 if self.num_burnin is None else self.num_burnin
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON-able values (``weights`` as a list)."""

@@ -115,6 +115,12 @@ HEALTH_RULES: tuple[HealthRule, ...] = (
                "the λ̂ trace still falls between its halves: increase num_burnin",
                "the λ̂ trace still drifts down ({value:+.1f} spreads between halves): increase "
                "num_burnin"),
+    HealthRule("draws_converged", "auto draws converged", 0.5, None,
+               "num_draws='auto' reached its budget (max_draws) before the chains converged",
+               "num_draws='auto' stopped at its budget of {max_draws} draws per chain before "
+               "split R-hat <= 1.05 and ESS >= 400 (now R-hat {rhat:.3f}, ESS {ess:.0f}): "
+               "raise max_draws; if R-hat stays high, the chains mix too slowly at this step "
+               "size and localization"),
     HealthRule("frac_distinct_losses", "distinct losses", 0.05, None,
                "the sampled loss barely changes between draws: the weights barely move",
                "the sampled loss took distinct values at only {value:.1%} of the draws: the "

@@ -423,7 +423,7 @@ def test_track_llc_in_a_plain_loop_leaves_training_untouched(tmp_path):
 
 def test_track_llc_refuses_a_bad_option_before_writing_anything(tmp_path):
     model = nn.Linear(4, 1)
-    with pytest.raises(ValueError, match="num_draws must be an integer >= 2, got 1"):
+    with pytest.raises(ValueError, match="num_draws must be an integer >= 2 or auto, got 1"):
         track_llc(model, 0, tmp_path / "run", data=regression_data(16), loss_fn=nn.MSELoss(),
                   num_draws=1)
     with pytest.raises(ValueError, match=r"unknown sampler options \['num_chain'\]"):

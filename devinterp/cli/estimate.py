@@ -75,6 +75,9 @@ def _parser() -> ArgumentParser:
 #: threads for the whole command).
 _SPECIAL_FLAGS: dict[str, dict[str, Any] | None] = {
     "step_size": {"type": lambda text: _step_size(text)},
+    "num_draws": {"type": lambda text: _num_draws(text), "metavar": "N|auto",
+                  "help": "draws per chain, or auto: until the chains converge (within "
+                          "--max-draws)"},
     "sampler": {"choices": list(SAMPLER_NAMES)},
     "weights": {"type": lambda text: _patterns(text), "metavar": "PATTERNS",
                 "help": "weight-refined λ̂: comma-separated parameter names or fnmatch "
@@ -104,6 +107,10 @@ def _add_sampler_flags(group: Any) -> None:
 
 def _step_size(text: str) -> float | str:
     return "auto" if text == "auto" else float(text)
+
+
+def _num_draws(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
 
 
 def _patterns(text: str) -> list[str]:

@@ -29,7 +29,7 @@ from devinterp.samplers.langevin import (
     sq_distance,
 )
 
-__all__ = ["ChainRun", "Recorder", "Restriction", "run_chains"]
+__all__ = ["ChainBlock", "ChainRun", "Recorder", "Restriction", "run_chains"]
 
 #: A loss this many times the loss scale at w* away from the baseline has exploded.
 DIVERGENCE_FACTOR = 1e4
@@ -148,6 +148,13 @@ class DrawRecorder:
                                dtype=torch.float64)
         self.baseline = torch.zeros(draws, device=device, dtype=torch.float64)
 
+    def grow(self, more: int) -> None:
+        """Room for ``more`` draws after the current ones."""
+        self.loss = torch.cat([self.loss, torch.full((self.loss.shape[0], more), float("nan"),
+                                                     device=self.loss.device,
+                                                     dtype=self.loss.dtype)], dim=1)
+        self.baseline = torch.cat([self.baseline, self.baseline.new_zeros(more)])
+
     def on_draw(self, draw: int, chains: Sequence[int], position: Position, losses: Tensor,
                 baseline: Tensor, batch: Any) -> None:
         self.loss[:, draw] = losses
@@ -235,87 +242,129 @@ class DivergenceMonitor:
         return out
 
 
-# One loop, on purpose over the ~60-line budget: the order of a step (gradient, baseline,
-# divergence check, recorders, kernel step, MALA, model-NaN check, reset) is the algorithm, and
-# each of those is one call into its own object above.
-def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kernel,
-               step_size: StepSize, nbeta: float, localization: float, num_burnin: int,
-               num_draws: int, vectorize: bool, accept_every: int = 32, progress: Any = None,
-               recorders: Sequence[Recorder] = (), restriction: Restriction | None = None
-               ) -> ChainRun:
-    """Run ``chains`` from w* for ``num_burnin + num_draws`` steps; record the draws.
+class ChainBlock:
+    """One chunk of chains from w*, advanced step by step and extendable: more draws continue
+    the same chains (same noise streams, minibatch order and preconditioner), so a run of
+    ``num_draws`` draws extended by ``k`` equals a run of ``num_draws + k`` draws.
 
     The start w* is never a draw (its loss is the baseline: counting it biases λ̂ low), so with
     ``num_burnin=0`` the first draw is the position after one step. ``step_size`` is one ε or
     one per chain (chain,); ``restriction`` limits what each chain moves.
     """
-    num_burnin = max(num_burnin, 1)
-    C, dev = len(chains), prob.device
-    anchor = {k: v.unsqueeze(0).expand(C, *v.shape) for k, v in prob.anchor.items()}
-    state = kernel.init(anchor, localization=localization)
-    gens = chain_generators(seed, chains, dev)
-    masks = None if restriction is None else restriction.masks
-    params = None if restriction is None else restriction.params
-    unmasked = chain_gradients(prob, C, vectorize)
 
-    def gradients(position: Position, batch: Any) -> tuple[Position, Tensor]:
-        grads, losses = unmasked(position, batch)
-        return masked(grads, masks), losses
+    def __init__(self, prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kernel,
+                 step_size: StepSize, nbeta: float, localization: float, num_burnin: int,
+                 num_draws: int, vectorize: bool, accept_every: int = 32, progress: Any = None,
+                 recorders: Sequence[Recorder] = (), restriction: Restriction | None = None
+                 ) -> None:
+        self.prob, self.chains, self.kernel = prob, list(chains), kernel
+        self.step_size, self.nbeta, self.localization = step_size, nbeta, localization
+        self.num_burnin = max(num_burnin, 1)
+        self.progress, self.recorders = progress, recorders
+        C, dev = len(chains), prob.device
+        self.anchor = {k: v.unsqueeze(0).expand(C, *v.shape) for k, v in prob.anchor.items()}
+        self.state = kernel.init(self.anchor, localization=localization)
+        self.gens = chain_generators(seed, chains, dev)
+        self.masks = None if restriction is None else restriction.masks
+        self.params = None if restriction is None else restriction.params
+        self._unmasked = chain_gradients(prob, C, vectorize)
+        self.draws = DrawRecorder(C, num_draws, dev)
+        self.mala = MalaRecorder(C, dev, accept_every, nbeta, localization, step_size)
+        self.monitor = DivergenceMonitor(chains, self.num_burnin, dev)
+        # Asking whether a chain diverged (bool(bad.any())) waits for the device at every
+        # step; on an accelerator the reset below runs unconditionally (same numbers, no wait).
+        self.free = sync_free(dev)
+        self.batches = prob.source.indexed(seed)
+        self.total = self.num_burnin + num_draws
+        self.t = 0
+        self.base: Tensor | None = None
 
-    draws = DrawRecorder(C, num_draws, dev)
-    mala = MalaRecorder(C, dev, accept_every, nbeta, localization, step_size)
-    monitor = DivergenceMonitor(chains, num_burnin, dev)
-    # Asking whether a chain diverged (bool(bad.any())) waits for the device at every step; on
-    # an accelerator the reset below runs unconditionally instead (same numbers, no wait).
-    free = sync_free(dev)
-    batches = prob.source.indexed(seed)
-    total = num_burnin + num_draws
-    base = None
-    for t in range(total):
-        idx, batch = next(batches)
-        draw = t - num_burnin
-        grads, losses = gradients(state.position, batch)
-        with torch.no_grad():
-            losses = losses.detach().double()
-            if base is None or draw >= 0:
-                # The paired baseline is only needed for draws (burn-in is thrown away).
-                base = prob.baseline(idx, batch)
-                if monitor.ref is None:
-                    monitor.start(base)
-            bad = monitor.check(t, losses, base)
-            if draw >= 0:
-                for recorder in (draws, *recorders):
-                    recorder.on_draw(draw, chains, state.position, losses, base, batch)
-            xi = masked(noise(gens, prob.anchor, params), masks)
-            new, info = kernel.step(state, grads, xi, anchor=anchor,
-                                    step_size=step_size, nbeta=nbeta,
-                                    localization=localization, adapt=t < num_burnin)
-        # Released before the MALA check's gradient and the next step's, the peaks of a step:
-        # the gradient, the noise and the old state (with RMSProp's squared-drift average until
-        # the first draw) would otherwise stay alive through them.
-        del grads, xi
-        old, state = state.position, new
-        if draw >= 0 and mala.due(draw):
-            mala.on_transition(gradients, old, new.position, info, losses, base, anchor, batch)
-        del info
-        if (not free or t % _CHECK_EVERY == _CHECK_EVERY - 1 or t == total - 1) and bool(
-                monitor.model_nan.any()):
-            _raise_model_nan(monitor, old, anchor, base, bad, exact=not free)
-        del old
-        if free or bool(bad.any()):
+    def gradients(self, position: Position, batch: Any) -> tuple[Position, Tensor]:
+        grads, losses = self._unmasked(position, batch)
+        return masked(grads, self.masks), losses
+
+    def extend(self, more_draws: int) -> None:
+        """Make room for ``more_draws`` draws after those planned; :meth:`advance` runs them."""
+        self.draws.grow(more_draws)
+        self.total += more_draws
+
+    # One loop, on purpose over the ~60-line budget: the order of a step (gradient, baseline,
+    # divergence check, recorders, kernel step, MALA, model-NaN check, reset) is the
+    # algorithm, and each of those is one call into its own object above.
+    def advance(self) -> None:
+        """Run the chains up to the planned number of steps (burn-in + draws)."""
+        C, anchor, monitor, mala = len(self.chains), self.anchor, self.monitor, self.mala
+        state, free = self.state, self.free
+        for t in range(self.t, self.total):
+            idx, batch = next(self.batches)
+            draw = t - self.num_burnin
+            grads, losses = self.gradients(state.position, batch)
             with torch.no_grad():
-                # A diverged chain restarts at w* so it cannot poison later arithmetic; its
-                # records are dropped and it is left out of λ̂.
-                monitor.diverged |= bad
-                for k, v in state.position.items():
-                    state.position[k] = torch.where(
-                        monitor.diverged.view(C, *([1] * (v.dim() - 1))), anchor[k], v)
-        if progress is not None:
-            progress.update(C)
-    draws.loss[monitor.diverged] = float("nan")
-    return ChainRun(draws.loss.cpu().numpy(), draws.baseline.cpu().numpy(),
-                    mala.acceptance(C), monitor.diverged.cpu().numpy(), state.position,
-                    monitor.records())
+                losses = losses.detach().double()
+                if self.base is None or draw >= 0:
+                    # The paired baseline is only needed for draws (burn-in is thrown away).
+                    self.base = self.prob.baseline(idx, batch)
+                    if monitor.ref is None:
+                        monitor.start(self.base)
+                base = self.base
+                bad = monitor.check(t, losses, base)
+                if draw >= 0:
+                    for recorder in (self.draws, *self.recorders):
+                        recorder.on_draw(draw, self.chains, state.position, losses, base, batch)
+                xi = masked(noise(self.gens, self.prob.anchor, self.params), self.masks)
+                new, info = self.kernel.step(state, grads, xi, anchor=anchor,
+                                             step_size=self.step_size, nbeta=self.nbeta,
+                                             localization=self.localization,
+                                             adapt=t < self.num_burnin)
+            # Released before the MALA check's gradient and the next step's, the peaks of a
+            # step: the gradient, the noise and the old state (with RMSProp's squared-drift
+            # average until the first draw) would otherwise stay alive through them.
+            del grads, xi
+            old, state = state.position, new
+            if draw >= 0 and mala.due(draw):
+                mala.on_transition(self.gradients, old, new.position, info, losses, base,
+                                   anchor, batch)
+            del info
+            last = t == self.total - 1
+            if (not free or t % _CHECK_EVERY == _CHECK_EVERY - 1 or last) and bool(
+                    monitor.model_nan.any()):
+                _raise_model_nan(monitor, old, anchor, base, bad, exact=not free)
+            del old
+            if free or bool(bad.any()):
+                with torch.no_grad():
+                    # A diverged chain restarts at w* so it cannot poison later arithmetic;
+                    # its records are dropped and it is left out of λ̂.
+                    monitor.diverged |= bad
+                    for k, v in state.position.items():
+                        state.position[k] = torch.where(
+                            monitor.diverged.view(C, *([1] * (v.dim() - 1))), anchor[k], v)
+            if self.progress is not None:
+                self.progress.update(C)
+        self.state, self.t = state, self.total
+
+    def result(self) -> ChainRun:
+        """What the chains produced so far (the draws of diverged chains are NaN)."""
+        loss = self.draws.loss.clone()
+        loss[self.monitor.diverged] = float("nan")
+        return ChainRun(loss.cpu().numpy(), self.draws.baseline.cpu().numpy(),
+                        self.mala.acceptance(len(self.chains)),
+                        self.monitor.diverged.cpu().numpy(), self.state.position,
+                        self.monitor.records())
+
+
+def run_chains(prob: Problem, chains: Sequence[int], *, seed: int, kernel: Kernel,
+               step_size: StepSize, nbeta: float, localization: float, num_burnin: int,
+               num_draws: int, vectorize: bool, accept_every: int = 32, progress: Any = None,
+               recorders: Sequence[Recorder] = (), restriction: Restriction | None = None
+               ) -> ChainRun:
+    """Run ``chains`` from w* for ``num_burnin + num_draws`` steps; record the draws
+    (:class:`ChainBlock` run once)."""
+    block = ChainBlock(prob, chains, seed=seed, kernel=kernel, step_size=step_size,
+                       nbeta=nbeta, localization=localization, num_burnin=num_burnin,
+                       num_draws=num_draws, vectorize=vectorize, accept_every=accept_every,
+                       progress=progress, recorders=recorders, restriction=restriction)
+    block.advance()
+    return block.result()
 
 
 def _raise_model_nan(monitor: DivergenceMonitor, position: Position, anchor: Position,

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from devinterp.config import SamplerConfig
+from devinterp.config import AUTO_ESS, AUTO_RHAT, SamplerConfig
+from devinterp.diagnostics import ess, split_rhat
 from devinterp.llc import calibration, driver
 from devinterp.llc.data import LossFn, TensorBatches, batch_source, to_device
 from devinterp.llc.problem import (
@@ -45,7 +46,7 @@ def estimate_llc(
     *,
     batch_loss: BatchLoss | None = None,
     num_chains: int = _DEFAULT.num_chains,
-    num_draws: int = _DEFAULT.num_draws,
+    num_draws: int | Literal["auto"] = _DEFAULT.num_draws,
     num_burnin: int | None = _DEFAULT.num_burnin,
     batch_size: int = _DEFAULT.batch_size,
     step_size: float | Literal["auto"] = _DEFAULT.step_size,
@@ -60,6 +61,7 @@ def estimate_llc(
     chain_chunk_size: int | None = _DEFAULT.chain_chunk_size,
     vectorize: bool = _DEFAULT.vectorize,
     num_threads: int | None = _DEFAULT.num_threads,
+    max_draws: int = _DEFAULT.max_draws,
     progress: bool = False,
     recorders: Sequence[driver.Recorder] = (),
 ) -> LLCResult:
@@ -82,9 +84,14 @@ def estimate_llc(
             ``batch_loss(forward, batch)`` -> scalar, where ``forward(*args)`` runs the model at
             the sampled weights.
         num_chains: number of independent chains (λ̂ per chain, std across chains).
-        num_draws: recorded draws per chain, after burn-in.
+        num_draws: recorded draws per chain, after burn-in; or ``"auto"``: the same chains
+            extended in rounds (200 draws, then doubling the total) until split R-hat <= 1.05
+            and the ESS >= 400, or ``max_draws`` is reached; ``settings["num_draws"]`` is the
+            number drawn, ``diagnostics["draws_converged"]`` (1/0) and
+            ``diagnostics["draw_rounds"]`` (draws, R-hat, ESS of each round) say which.
         num_burnin: steps discarded at the start of each chain (they start at w* and would bias
-            λ̂ low). Default: ``num_draws // 2``. The start w* itself is never a draw.
+            λ̂ low). Default: ``num_draws // 2`` (auto: 100). The start w* itself is never a
+            draw.
         batch_size: minibatch size for tensors and datasets (a DataLoader keeps its own).
         step_size: ε, or ``"auto"``: ε from the top Hessian eigenvalue (ε·(nβ·λ_max + γ) =
             0.1) and short pilot chains that must not diverge and must keep a MALA acceptance
@@ -112,6 +119,7 @@ def estimate_llc(
             :data:`SMALL_MODEL_WORK`), where thread hand-offs cost more than they save
             (``tools/bench_threads.py``), unless ``OMP_NUM_THREADS`` is set (``--threads`` of
             every command sets it); else torch's setting.
+        max_draws: the budget of ``num_draws="auto"``: at most this many draws per chain.
         progress: show a tqdm progress bar.
         recorders: per-draw observables (advanced): objects with ``on_draw(draw, chains,
             position, losses, baseline, batch)``, called at every recorded draw of every chunk
@@ -132,7 +140,7 @@ def estimate_llc(
         "batch_size": batch_size, "step_size": step_size, "localization": localization,
         "nbeta": nbeta, "sampler": sampler, "seed": seed, "num_samples": num_samples,
         "chain_chunk_size": chain_chunk_size, "vectorize": vectorize,
-        "num_threads": num_threads, "weights": weights})
+        "num_threads": num_threads, "weights": weights, "max_draws": max_draws})
     with _prepared(model, data, loss_fn, batch_loss, cfg, device) as (
             prob, params, meta, nbeta, vectorize, notes, use_threads, threads):
         eps, calib = _step_size(prob, cfg, nbeta, vectorize)
@@ -140,13 +148,15 @@ def estimate_llc(
         for recorder in recorders:
             if hasattr(recorder, "bind"):
                 recorder.bind(prob)
-        runs = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress, recorders)
+        runs, rounds = _run_all(prob, cfg, nbeta, eps, vectorize, first_chain, progress,
+                                recorders)
 
     loss = np.concatenate([r.loss for r in runs])
     baseline = runs[0].baseline
     settings = {
         "nbeta": nbeta, "step_size": float(eps), "localization": float(cfg.localization),
-        "num_chains": cfg.num_chains, "num_draws": cfg.num_draws, "num_burnin": cfg.burnin,
+        "num_chains": cfg.num_chains, "num_draws": int(loss.shape[1]),
+        "num_burnin": cfg.burnin,
         "batch_size": getattr(prob.source, "batch_size", cfg.batch_size),
         "sampler": cfg.sampler, "seed": cfg.seed, "num_samples": prob.source.n,
         "step_size_auto": cfg.step_size == "auto", "vectorize": vectorize, **meta,
@@ -155,6 +165,10 @@ def estimate_llc(
         "num_sampled_params": sum(p.numel() for p in params.values()),
     }
     extra = dict(calib)
+    if cfg.auto_draws:
+        extra.update(draw_rounds=rounds, draws_converged=int(_converged(rounds[-1])),
+                     max_draws=cfg.max_draws)
+        settings["num_draws_requested"] = "auto"
     extra["divergences"] = [d for r in runs for d in r.divergences]
     extra["calibration_s"] = t_cal if cfg.step_size == "auto" else 0.0
     extra["elapsed_s"] = time.perf_counter() - t_start
@@ -312,7 +326,7 @@ def _cache_baseline(prob: Problem, cfg: SamplerConfig, loss_fn: LossFn | None) -
     source = prob.source
     chunks = math.ceil(cfg.num_chains / (cfg.chain_chunk_size or cfg.num_chains))
     if isinstance(source, TensorBatches) and loss_fn is not None and (
-            source.n <= cfg.num_draws * source.batch_size * chunks):
+            source.n <= cfg.first_draws * source.batch_size * chunks):
         prob.baseline_cache = source.per_sample_losses(prob.outputs_at_anchor, loss_fn)
 
 
@@ -324,14 +338,16 @@ def _step_size(prob: Problem, cfg: SamplerConfig, nbeta: float, vectorize: bool
     return calibration.calibrate(
         prob, seed=cfg.seed, nbeta=nbeta, localization=float(cfg.localization),
         kernel=get_kernel(cfg.sampler), vectorize=vectorize,
-        pilot_steps=max(16, min(48, (cfg.burnin + cfg.num_draws) // 16)),
+        pilot_steps=max(16, min(48, (cfg.burnin + cfg.first_draws) // 16)),
         num_pilot=min(2, cfg.num_chains))
 
 
 def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, eps: float, vectorize: bool,
              first_chain: int, progress: bool, recorders: Sequence[driver.Recorder] = ()
-             ) -> list[driver.ChainRun]:
-    """Every chain, in chunks of ``chain_chunk_size`` (same numbers as one chunk)."""
+             ) -> tuple[list[driver.ChainRun], list[dict[str, float]]]:
+    """Every chain, in chunks of ``chain_chunk_size`` (same numbers as one chunk); with
+    ``num_draws="auto"`` in rounds (every chunk's chains stay alive between rounds), and the
+    rounds' draws, split R-hat and ESS."""
     chains = list(range(first_chain, first_chain + cfg.num_chains))
     # Sequential chains hold one chain's state at a time; vectorized ones as many as fit.
     chunk = cfg.chain_chunk_size or (chains_that_fit(prob, cfg.num_chains) if vectorize else 1)
@@ -339,15 +355,49 @@ def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float, eps: float, vector
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.num_chains * (cfg.burnin + cfg.num_draws), desc="LLC",
+        bar = tqdm(total=cfg.num_chains * (cfg.burnin + cfg.first_draws), desc="LLC",
                    unit="step", leave=False)
+
+    kw = dict(seed=cfg.seed, kernel=get_kernel(cfg.sampler), step_size=eps, nbeta=nbeta,
+              localization=float(cfg.localization), num_burnin=cfg.burnin,
+              num_draws=cfg.first_draws, vectorize=vectorize, progress=bar,
+              recorders=recorders)
     try:
-        return [driver.run_chains(prob, chains[i : i + chunk], seed=cfg.seed,
-                                  kernel=get_kernel(cfg.sampler), step_size=eps, nbeta=nbeta,
-                                  localization=float(cfg.localization), num_burnin=cfg.burnin,
-                                  num_draws=cfg.num_draws, vectorize=vectorize, progress=bar,
-                                  recorders=recorders)
-                for i in range(0, cfg.num_chains, chunk)]
+        if not cfg.auto_draws:  # one chunk alive at a time
+            return [driver.run_chains(prob, chains[i : i + chunk], **kw)
+                    for i in range(0, cfg.num_chains, chunk)], []
+        blocks = [driver.ChainBlock(prob, chains[i : i + chunk], **kw)
+                  for i in range(0, cfg.num_chains, chunk)]
+        rounds: list[dict[str, float]] = []
+        while True:
+            for b in blocks:
+                b.advance()
+            runs = [b.result() for b in blocks]
+            rounds.append(_round_summary(runs, nbeta))
+            drawn = int(rounds[-1]["num_draws"])
+            if _converged(rounds[-1]) or drawn >= cfg.max_draws or not np.isfinite(
+                    rounds[-1]["rhat"]):
+                return runs, rounds
+            more = min(drawn, cfg.max_draws - drawn)
+            if bar is not None:
+                bar.total += cfg.num_chains * more
+            for b in blocks:
+                b.extend(more)
     finally:
         if bar is not None:
             bar.close()
+
+
+def _round_summary(runs: Sequence[driver.ChainRun], nbeta: float) -> dict[str, float]:
+    """Draws, split R-hat and ESS of the λ̂ trace of the chains that did not diverge."""
+    loss = np.concatenate([r.loss for r in runs])
+    ok = ~np.concatenate([r.diverged for r in runs])
+    trace = nbeta * (loss[ok] - runs[0].baseline[None, :])
+    rhat = split_rhat(trace) if trace.shape[0] > 1 else float("nan")
+    return {"num_draws": int(loss.shape[1]), "rhat": float(rhat),
+            "ess": float(ess(trace)) if len(trace) else float("nan")}
+
+
+def _converged(summary: Mapping[str, float]) -> bool:
+    """The stopping rule of ``num_draws="auto"``."""
+    return bool(summary["rhat"] <= AUTO_RHAT and summary["ess"] >= AUTO_ESS)

@@ -98,6 +98,9 @@ def estimate_refined_llc(
         raise TypeError(f"estimate_refined_llc got unknown options {unknown}{hint}; known: "
                         f"{sorted(_OPTIONS + _CALL_OPTIONS)}")
     cfg = SamplerConfig.from_options({k: options.get(k) for k in _OPTIONS})
+    if cfg.auto_draws:
+        raise ValueError("estimate_refined_llc runs a fixed number of draws; pass num_draws=N "
+                         "(num_draws='auto' is estimate_llc's)")
     device, first_chain = options.get("device"), int(options.get("first_chain", 0))
     grouping = options.get("grouping", "auto")
     if grouping not in ("auto", "joint", "grouped"):

@@ -26,8 +26,9 @@ def _finite(v: object) -> bool:
 #: ``option: (check, what it must be)`` for :func:`check_options`.
 _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "num_chains": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "num_draws": (lambda v: _is_int(v) and v >= 2,
-                  "an integer >= 2 (λ̂ needs draws beyond the starting point)"),
+    "num_draws": (lambda v: v == "auto" or (_is_int(v) and v >= 2),
+                  "an integer >= 2 (λ̂ needs draws beyond the starting point) or 'auto'"),
+    "max_draws": (lambda v: _is_int(v) and v >= 4, "an integer >= 4"),
     "num_burnin": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "batch_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "step_size": (lambda v: v == "auto" or (_finite(v) and v > 0),
