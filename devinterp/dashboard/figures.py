@@ -648,9 +648,36 @@ def llc_figure(runs: Sequence[Run], names: Sequence[str],
         annotations.append(_empty_note("no loss logged in metrics.csv", loss_domain))
     if not any(len(r.llc) for r in runs):
         annotations.append(_empty_note("no λ̂ estimated yet", llc_domain))
-    layout["shapes"] = _missing_marks(flags) + stage_shapes
-    layout["annotations"] = annotations
+    eps_shapes, eps_notes = _step_size_marks(runs, llc_domain)
+    layout["shapes"] = _missing_marks(flags) + stage_shapes + eps_shapes
+    layout["annotations"] = annotations + eps_notes
     return {"data": data, "layout": layout}
+
+
+def _step_size_marks(runs: Sequence[Run], llc_domain: list[float]
+                     ) -> tuple[list[dict], list[dict]]:
+    """A dotted line across the λ̂ panel, labelled "ε ↓", at every step where run-level
+    calibration lowered the step size (``calibration.json``'s ``changes``): points on either
+    side were estimated with different settings."""
+    shapes: list[dict] = []
+    notes: list[dict] = []
+    for i, run in enumerate(runs):
+        changes = [c for entry in run.calibration.values() if isinstance(entry, dict)
+                   for c in entry.get("changes", []) if isinstance(c, dict) and "step" in c]
+        for k, c in enumerate(sorted(changes, key=lambda c: c["step"])):
+            x = int(c["step"]) + 1
+            shapes.append({"type": "line", "name": f"step-size:{i}:{k}", "xref": "x2",
+                           "yref": "paper", "x0": x, "x1": x, "y0": llc_domain[0],
+                           "y1": llc_domain[1], "line": {"color": "#888", "width": 1,
+                                                         "dash": "dot"}})
+            notes.append({"text": "ε ↓", "name": f"step-size:{i}:{k}", "xref": "x2",
+                          "yref": "paper", "x": math.log10(x), "y": llc_domain[1],
+                          "yanchor": "bottom", "showarrow": False,
+                          "hovertext": plot_text(
+                              f"step {c['step']}: step size lowered {c.get('from', 0):.3g} → "
+                              f"{c.get('to', 0):.3g} ({c.get('reason', '')})"),
+                          "font": {"size": 11, "color": "#666"}})
+    return shapes, notes
 
 
 def _line_mode(runs: Sequence[Run]) -> str:

@@ -57,6 +57,7 @@ from devinterp.run.store import (
 )
 from devinterp.tracking import (
     ESTIMATOR_OPTIONS,
+    RunCalibration,
     describe,
     estimator_kwargs,
     first_line,
@@ -164,12 +165,18 @@ def estimate_run(
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    calibrated = False
     try:
         for src in job.sources[rank::workers]:
             model = job.model(builder, src)
             if model is None:
                 continue
             check_recorded_loss(job.meta, loss_fn, batch_loss, type(model), job.store.path)
+            if not calibrated:  # only once something is to be estimated
+                job.calibrate(builder, data, loss_fn, batch_loss,
+                              recalibrate=force and workers == 1)
+                calibrated = True
+                model = builder.load(src)  # the builder's one module held other weights
             the_data = builder.data(model, data)
             the_loss, the_batch_loss = builder.loss(model, loss_fn, batch_loss)
             job.estimate(src, model, the_data, the_loss, the_batch_loss,
@@ -281,7 +288,9 @@ class _Job:
         check_options(base, where=f"in {self.target.path / SETTINGS_FILE}")
         self.options = {**base, **overrides}
         self.force, self.settings_recorded = force, False
+        self.all_sources: list[Source] = []
         self.sources = self._sources(steps)
+        self.calibration = RunCalibration(self.target, self.options)
         table = self.target.read_table(LLC_FILE)
         sid = settings_id(self.options)
         legacy = settings_id(self.template) if self.template else sid  # rows without an id
@@ -297,6 +306,7 @@ class _Job:
 
     def _sources(self, steps: list[int] | None) -> list[Source]:
         sources = _discover(self.store, self.report)
+        self.all_sources = sources
         if not sources and not self.report.unreadable:
             raise FileNotFoundError(
                 f"{self.store.path} holds no snapshot (snapshots/step_*.pt) and no Lightning "
@@ -322,16 +332,54 @@ class _Job:
             self.pending.discard(src.step)
             return None
 
+    def calibrate(self, builder: ModelBuilder, data: Any, loss_fn: Any, batch_loss: Any,
+                  recalibrate: bool) -> None:
+        """Choose the run's sampler settings on its early and last checkpoints (all of the
+        run's snapshots count, not only this job's ``steps``), unless they are chosen already;
+        ``recalibrate`` forgets earlier ones first (``force`` in a single process)."""
+        if not self.calibration.active:
+            return
+        if recalibrate:
+            self.calibration.forget()
+        by_step = {s.step: s for s in self.all_sources}
+
+        def probe_at(step: int) -> dict[str, Any]:
+            model = builder.load(by_step[step])
+            the_data = builder.data(model, data)
+            the_loss, the_batch_loss = builder.loss(model, loss_fn, batch_loss)
+            return self.calibration.probe(model, the_data, loss_fn=the_loss,
+                                          batch_loss=the_batch_loss)
+
+        entry = self.calibration.calibrate_posthoc(list(by_step), probe_at)
+        if entry is None:
+            print("devinterp estimate: no checkpoint could be calibrated "
+                  f"({self.calibration.failed_reason}); each chooses its own step size",
+                  file=sys.stderr, flush=True)
+        else:
+            on = ", ".join(f"{c['step']} (ε {c['step_size']:.3g})"
+                           for c in entry["calibrated_on"])
+            print(f"devinterp estimate: run settings ε = {entry['step_size']:.4g}, nβ = "
+                  f"{entry['nbeta']:.4g}, calibrated on steps {on}", file=sys.stderr,
+                  flush=True)
+
     def estimate(self, src: Source, model: nn.Module, data: Any, loss_fn: Callable | None,
                  batch_loss: Callable | None, *, save_traces: bool, progress: bool) -> None:
-        """Estimate ``model`` (the weights of ``src``) and write its row."""
+        """Estimate ``model`` (the weights of ``src``) with the run's settings and write its
+        row; a failure that says ε is too large lowers it from here on."""
         start = time.perf_counter()
+        mark = ""
         if not weights_finite(model):
             result: Any = "non-finite weights at this step"
         else:
-            result = run_estimator(model, data, loss_fn=loss_fn, batch_loss=batch_loss,
-                                   options=self.options)
-        row = record_result(self.target, src.step, result, save_trace=save_traces)
+            result, mark = self.calibration.estimate(src.step, lambda opts: run_estimator(
+                model, data, loss_fn=loss_fn, batch_loss=batch_loss, options=opts))
+        row = record_result(self.target, src.step, result, save_trace=save_traces,
+                            extra={"calibration": mark} if mark else None)
+        if mark == "lowered":
+            print(f"devinterp estimate: step {src.step}: the run's step size was too large "
+                  f"here ({self.calibration.record()['changes'][-1]['reason']}); lowered to "
+                  f"{row.get('step_size', float('nan')):.4g} from this step on",
+                  file=sys.stderr, flush=True)
         self.pending.discard(src.step)
         if not self.settings_recorded:
             _record_settings(self.target, self.options, self.template)

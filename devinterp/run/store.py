@@ -52,8 +52,8 @@ import numpy as np
 import pandas as pd
 from filelock import FileLock
 
-__all__ = ["COMPONENTS_FILE", "COMPONENT_KEY", "COMPONENT_STAGES_FILE", "ESTIMATOR_DEFAULTS",
-           "INFLUENCE_COLUMNS", "INFLUENCE_DIR", "LLC_FILE", "METRICS_FILE", "RUN_FILE",
+__all__ = ["CALIBRATION_FILE", "COMPONENTS_FILE", "COMPONENT_KEY", "COMPONENT_STAGES_FILE",
+           "ESTIMATOR_DEFAULTS", "INFLUENCE_COLUMNS", "INFLUENCE_DIR", "LLC_FILE", "METRICS_FILE", "RUN_FILE",
            "SETTINGS_FILE", "SUSCEPTIBILITIES_FILE", "SUSCEPTIBILITY_COLUMNS",
            "SETTINGS_ID_KEYS", "SNAPSHOT_DIR", "STAGES_FILE", "TRACE_DIR", "MixedSettingsError",
            "Run", "RunStore", "atomic_write_bytes", "file_sha256", "load_run", "open_regular",
@@ -64,6 +64,8 @@ METRICS_FILE = "metrics.csv"
 SETTINGS_FILE = "settings.json"
 RUN_FILE = "run.json"
 STAGES_FILE = "stages.json"
+#: Run-level sampler settings by settings id (:mod:`devinterp.tracking.calibration`).
+CALIBRATION_FILE = "calibration.json"
 SNAPSHOT_DIR = "snapshots"
 TRACE_DIR = "traces"
 #: The long table of per-component λ̂ rows, keyed by :data:`COMPONENT_KEY`.
@@ -95,7 +97,8 @@ SETTINGS_ID_KEYS = ("num_chains", "num_draws", "num_burnin", "batch_size", "step
 #: ``nbeta``: n/log n; ``num_samples``: the data's length). Spelled out here so reading a run
 #: never imports torch; ``tests/test_store_integrity.py`` checks them against the estimator.
 ESTIMATOR_DEFAULTS = {"num_chains": 8, "num_draws": 400, "batch_size": 256, "step_size": "auto",
-                      "localization": 1.0, "sampler": "rmsprop_sgld", "seed": 0}
+                      "localization": 1.0, "sampler": "rmsprop_sgld", "seed": 0,
+                      "max_draws": 3200}
 
 
 class MixedSettingsError(ValueError):
@@ -116,6 +119,8 @@ def settings_id(settings: Mapping[str, Any]) -> str:
         resolved[k] = ESTIMATOR_DEFAULTS.get(k) if v is None else v
     if resolved["num_burnin"] is None and isinstance(resolved["num_draws"], int):
         resolved["num_burnin"] = resolved["num_draws"] // 2
+    if resolved["num_draws"] == "auto":  # the budget changes λ̂ only then
+        resolved["max_draws"] = settings.get("max_draws") or ESTIMATOR_DEFAULTS["max_draws"]
     for k in ("step_size", "localization", "nbeta"):
         if isinstance(resolved[k], (int, float)) and not isinstance(resolved[k], bool):
             resolved[k] = float(resolved[k])
@@ -590,6 +595,9 @@ class Run:
             checkpoint is one row with empty indices; empty with those columns when none.
         susceptibilities: ``step, component, probe, susceptibility, se``
             (``susceptibilities.csv``; empty with those columns when none).
+        calibration: the run-level sampler settings (``calibration.json``: by settings id,
+            ``step_size``, ``nbeta``, ``calibrated_on``, ``changes`` where ε was lowered);
+            empty when the run chose none.
     """
 
     path: Path
@@ -603,6 +611,7 @@ class Run:
     component_stages: dict | None = None
     influence: pd.DataFrame = field(default_factory=lambda: _empty_influence())
     susceptibilities: pd.DataFrame = field(default_factory=lambda: _empty_susceptibilities())
+    calibration: dict = field(default_factory=dict)
 
     @property
     def mixed_settings(self) -> bool:
@@ -655,7 +664,14 @@ def load_run(path: str | os.PathLike) -> Run:
         component_stages=_component_stages(store),
         influence=store.read_influence(),
         susceptibilities=store.read_susceptibilities(),
+        calibration=_calibration(store),
     )
+
+
+def _calibration(store: RunStore) -> dict:
+    """``calibration.json`` as a dict (``{}`` when missing or not an object)."""
+    doc = store.read_json(CALIBRATION_FILE, {})
+    return doc if isinstance(doc, dict) else {}
 
 
 def _empty_components() -> pd.DataFrame:

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from devinterp.config import SamplerConfig
 from devinterp.influence import DEFAULT_NUM_TRAIN, ProbeInfluence
 from devinterp.run.store import LLC_FILE, RunStore
+from devinterp.tracking.calibration import MAX_LOWERINGS, RunCalibration
 from devinterp.tracking.distributed import check_strategy, gather, merge
 from devinterp.tracking.estimate import (
     ESTIMATOR_OPTIONS,
@@ -122,6 +123,18 @@ class LLCCallback(Callback):
     signature and this ``Args:`` block. A test fails when ``SamplerConfig`` gains a field this
     signature lacks.
 
+    One step size for the whole run: with ``step_size`` unset, ε and nβ are
+    calibrated once (:mod:`devinterp.tracking.calibration`) at the first checkpoint near a
+    minimum (tried at the 1st, 2nd, 4th, ... checkpoint) and held for every checkpoint, so the
+    points of the curve are comparable; checkpoints before it are estimated from their
+    snapshots as soon as the settings exist (at the end of training, calibrated on the last
+    checkpoint, if none was near a minimum). Where a checkpoint diverges or its MALA
+    acceptance falls below 0.5 with them, ε is halved from that step on. ``calibration.json``
+    records the settings, where they were chosen and every change
+    (:attr:`devinterp.Run.calibration`; the dashboard marks the changes), and each row its ε,
+    nβ and ``calibration`` (``"run"``,
+    ``"lowered"``, or ``"checkpoint"`` when calibration failed and the step chose its own).
+
     Distributed: under DDP the chains are split across ranks (each runs its own chain indices,
     so the merged result equals a single-process run), gathered, and global rank 0 writes and
     logs. Sharded strategies (FSDP, DeepSpeed) are refused.
@@ -136,10 +149,13 @@ class LLCCallback(Callback):
         include_init: also estimate at step 0, the initialization.
         mode: ``"inline"`` estimates during training; ``"deferred"`` only snapshots.
         num_chains: SGLD chains per estimate.
-        num_draws: recorded draws per chain.
+        num_draws: recorded draws per chain, or ``"auto"``: extended in rounds until the
+            chains converge (split R-hat <= 1.05 and ESS >= 400) or ``max_draws`` is reached.
+        max_draws: the budget of ``num_draws="auto"`` (draws per chain).
         num_burnin: discarded steps per chain.
         batch_size: SGLD minibatch size.
-        step_size: SGLD step size ε, or ``"auto"``.
+        step_size: SGLD step size ε for every checkpoint, or ``"auto"``: chosen at each
+            checkpoint. Unset: one ε for the run, calibrated as above.
         localization: γ, the pull towards the checkpoint.
         nbeta: nβ (the estimator's default is n/log n, n the number of training samples).
         sampler: ``"sgld"`` or ``"rmsprop_sgld"``.
@@ -188,7 +204,8 @@ class LLCCallback(Callback):
         include_init: bool = True,
         mode: Literal["inline", "deferred"] = "inline",
         num_chains: int | None = None,
-        num_draws: int | None = None,
+        num_draws: int | Literal["auto"] | None = None,
+        max_draws: int | None = None,
         num_burnin: int | None = None,
         batch_size: int | None = None,
         step_size: float | Literal["auto"] | None = None,
@@ -264,6 +281,10 @@ class LLCCallback(Callback):
         self._recorder: Any = None
         self._recorder_error: str | None = None
         self._inputs_saved = False
+        self._calibration: RunCalibration | None = None
+        #: Inline checkpoints waiting for the run's settings: (step, training loss).
+        self._pending: list[tuple[int, float | None]] = []
+        self._attempts: list[dict[str, Any]] = []
 
     # -- identity and resumable state ----------------------------------------------------------
     @property
@@ -276,10 +297,14 @@ class LLCCallback(Callback):
             "done_steps": sorted(self._done),
             "dirpath": str(self._store.path) if self._store is not None else None,
             "module": self._module_path,
+            "pending": [[s, loss] for s, loss in self._pending],
+            "attempts": list(self._attempts),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._done = {int(s) for s in state_dict.get("done_steps", [])}
+        self._pending = [(int(s), loss) for s, loss in state_dict.get("pending", [])]
+        self._attempts = list(state_dict.get("attempts", []))
         # A resumed run keeps writing to the directory it started in, even where the default
         # (the logger's version directory) would now be a new one.
         if self.dirpath is None and state_dict.get("dirpath"):
@@ -318,6 +343,8 @@ class LLCCallback(Callback):
             self._store = RunStore(self.dirpath or os.path.join(base, "llc"), create=True)
         self._module_path = import_path(type(pl_module))
         self._loggers.guard(trainer.loggers, self._store.path)
+        self._calibration = RunCalibration(self._store, self.options)
+        self._calibration.active = self._calibration.active and self.mode == "inline"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled:
@@ -387,6 +414,8 @@ class LLCCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._disabled:
             return
+        if self._pending:
+            self._settle_pending(trainer, pl_module)
         self._flush_metrics()
         if trainer.is_global_zero and self.progress and self.mode == "deferred":
             self._print(f"LLC: {self._num_snapshots} snapshots in {self._store.path}; "
@@ -420,13 +449,126 @@ class LLCCallback(Callback):
                 self._num_snapshots += 1
         if self.mode == "deferred":
             return
+        cal = self._calibration
+        if cal.active and not cal.calibrated:
+            if not self._calibrate_here(trainer, pl_module, step, train_loss):
+                self._pending.append((step, train_loss))
+                return
+            self._estimate_pending(trainer, pl_module)
+        self._estimate_step(trainer, pl_module, step, train_loss, start)
+
+    def _estimate_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                       train_loss: float | None, start: float) -> None:
+        """λ̂ (and influence, components) of the module's weights as they are now, with the
+        run's settings: a failure that says ε is too large halves it from here on."""
         outcomes = self._estimate_on_ranks(trainer, pl_module, train_loss)
+        lowered = False
+        cal = self._calibration
+        if cal.active and cal.calibrated:
+            for _ in range(MAX_LOWERINGS):
+                reason = cal.failure(merge(outcomes)) if trainer.is_global_zero else None
+                reason = trainer.strategy.broadcast(reason, src=0)
+                if reason is None:
+                    break
+                eps = cal.lower(step, reason, write=trainer.is_global_zero)
+                lowered = True
+                self._warn_once(f"lowered:{step}", (
+                    f"LLCCallback: at step {step} the run's step size was too large ({reason});"
+                    f" lowered to {eps:.3g} from this step on (calibration.json records it)"))
+                outcomes = self._estimate_on_ranks(trainer, pl_module, train_loss)
         if trainer.is_global_zero:
-            self._write_and_log(trainer, step, outcomes, start)
+            self._write_and_log(trainer, step, outcomes, start, cal.row_mark(lowered))
             if self.influence is not None:
                 self._influence_step(step, merge(outcomes))
         if self.components is not None:
             self._components_step(trainer, pl_module, step, train_loss)
+
+    # -- run-level calibration -------------------------------------------------------------------
+    def _calibrate_here(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                        train_loss: float | None, *, last: bool = False) -> bool:
+        """Try to choose the run's settings at this checkpoint (the module at its weights):
+        they are held when it is near a minimum, or when ``last`` (training ended without
+        one). Tried at the 1st, 2nd, 4th, 8th, ... waiting checkpoint, so calibration costs a
+        few estimates per run. Every rank takes global rank 0's result."""
+        k = len(self._pending) + 1
+        if not last and k & (k - 1):
+            return False
+        probe = None
+        finite = _not_finite(trainer, pl_module, train_loss) is None  # a collective
+        if trainer.is_global_zero and finite:
+            try:
+                with preserved_training_state(pl_module):
+                    probe = self._calibration.probe(pl_module, self._data,
+                                                    loss_fn=self._loss.loss_fn,
+                                                    batch_loss=self._loss.batch_loss)
+            except Exception as e:  # noqa: BLE001 - calibration never ends training
+                _log.debug("LLCCallback: calibration failed", exc_info=True)
+                self._calibration.failed_reason = f"{type(e).__name__}: {first_line(e)}"
+        probe = trainer.strategy.broadcast(probe, src=0)
+        if probe is None:
+            return False
+        if not (probe.get("near_minimum") or last):
+            self._attempts.append({"step": int(step), "step_size": float(probe["step_size"]),
+                                   "near_minimum": False,
+                                   "calibration_s": float(probe.get("calibration_s", 0.0))})
+            return False
+        how = "first checkpoint near a minimum" if probe.get("near_minimum") else (
+            "last checkpoint (none was near a minimum)")
+        entry = self._calibration.fix({step: probe}, how, attempts=self._attempts,
+                                      write=trainer.is_global_zero)
+        if self.progress and trainer.is_global_zero:
+            self._print(f"LLC: run settings ε = {entry['step_size']:.4g}, nβ = "
+                        f"{entry['nbeta']:.4g} (calibrated at step {step}, the {how}); held "
+                        "for every checkpoint")
+        return True
+
+    def _estimate_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Estimate the checkpoints that waited for the run's settings, each from its snapshot
+        (the module's weights are put back bit for bit afterwards)."""
+        pending, self._pending = self._pending, []
+        for step, train_loss in pending:
+            start = time.perf_counter()
+            with contextlib.ExitStack() as weights:
+                try:
+                    weights.enter_context(self._weights_of(pl_module, step))
+                except Exception as e:  # noqa: BLE001 - a lost snapshot is a failed row
+                    if trainer.is_global_zero:
+                        self._write_and_log(trainer, step, [EstimateFailure(
+                            f"the snapshot of step {step} could not be read "
+                            f"({first_line(e)})")], start)
+                    continue
+                self._estimate_step(trainer, pl_module, step, train_loss, start)
+
+    @contextlib.contextmanager
+    def _weights_of(self, pl_module: pl.LightningModule, step: int) -> Iterator[None]:
+        """The module at the weights of ``step``'s snapshot, restored bit for bit after (in
+        place: the optimizer keeps its parameters)."""
+        from devinterp.run.rebuild import load_weights
+
+        state = load_weights(self._store.snapshot_path(step))
+        saved = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        pl_module.load_state_dict(state)
+        try:
+            yield
+        finally:
+            pl_module.load_state_dict(saved)
+
+    def _settle_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training ended before a checkpoint near a minimum: calibrate on the last waiting
+        checkpoint and estimate them all (each choosing its own ε if calibration fails)."""
+        step, train_loss = self._pending[-1]
+        try:
+            with self._weights_of(pl_module, step):
+                ok = self._calibrate_here(trainer, pl_module, step, train_loss, last=True)
+        except Exception as e:  # noqa: BLE001 - the rows say what failed
+            self._calibration.failed_reason = first_line(e)
+            ok = False
+        if not ok:
+            self._warn_once("uncalibrated", (
+                "LLCCallback: the run's step size could not be calibrated "
+                f"({self._calibration.failed_reason or 'no checkpoint'}); each waiting "
+                "checkpoint chooses its own (rows marked calibration='checkpoint')"))
+        self._estimate_pending(trainer, pl_module)
 
     def _estimate_on_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            train_loss: float | None) -> list[Any]:
@@ -463,7 +605,8 @@ class LLCCallback(Callback):
                         mine = run_components(
                             pl_module, self._data, self.components,
                             loss_fn=self._loss.loss_fn, batch_loss=self._loss.batch_loss,
-                            options=self.options, first_chain=first, num_chains=count)
+                            options=self._calibration.estimator_options(), first_chain=first,
+                            num_chains=count)
                 except Exception as e:  # noqa: BLE001 - a diagnostic never ends training
                     _log.debug("LLCCallback: the components' estimate failed", exc_info=True)
                     mine = EstimateFailure(f"{type(e).__name__}: {first_line(e)}")
@@ -498,14 +641,15 @@ class LLCCallback(Callback):
         try:
             with preserved_training_state(pl_module):
                 return run_estimator(pl_module, self._data, loss_fn=self._loss.loss_fn,
-                                     batch_loss=self._loss.batch_loss, options=self.options,
+                                     batch_loss=self._loss.batch_loss,
+                                     options=self._calibration.estimator_options(),
                                      first_chain=first, num_chains=count, recorders=recorders)
         except Exception as e:  # noqa: BLE001 - a diagnostic must never end the training run
             _log.debug("LLCCallback: the estimate failed", exc_info=True)
             return EstimateFailure(f"{type(e).__name__}: {first_line(e)}")
 
     def _write_and_log(self, trainer: pl.Trainer, step: int, outcomes: list[Any],
-                       start: float) -> None:
+                       start: float, mark: str = "") -> None:
         """On global rank 0: merge the ranks' outcomes, warn about failures, write the row (the
         run store first), then send λ̂ to the loggers."""
         result = merge(outcomes)
@@ -520,7 +664,8 @@ class LLCCallback(Callback):
                     "warning)"))
         row = None
         with self._contained("row", f"write the λ̂ row of step {step}"):
-            row = record_result(self._store, step, result, save_trace=False)
+            row = record_result(self._store, step, result, save_trace=False,
+                                extra={"calibration": mark} if mark else None)
             if self.save_traces and not failed:
                 self._store.save_trace(step, result.loss_trace)
         if not failed:

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from devinterp.run.store import COMPONENT_KEY, COMPONENT_STAGES_FILE, COMPONENTS_FILE, RunStore
+from devinterp.tracking.calibration import RunCalibration
 from devinterp.tracking.estimate import (
     EstimateFailure,
     estimator_kwargs,
@@ -111,8 +112,10 @@ def estimate_component_curves(store: RunStore, model: nn.Module, data: Any, comp
                               options: Mapping[str, Any] | None = None,
                               steps: list[int] | None = None) -> list[dict[str, Any]]:
     """Post-hoc component curves of a run directory: load each snapshot (``steps``, default
-    all) into ``model`` (weights only), estimate every component, write its rows to the long
-    table, then the stages of every curve. What ``devinterp estimate RUN --components heads``
+    all) into ``model`` (weights only), estimate every component with the run's sampler
+    settings (:mod:`devinterp.tracking.calibration`: those of its λ̂ curve, else calibrated on
+    an early and the last snapshot), write its rows to the long table, then the stages of
+    every curve. What ``devinterp estimate RUN --components heads``
     calls once it has rebuilt the model, data and loss; a snapshot that cannot be read or
     estimated gives failed rows naming why, and the others go on. Returns the rows written."""
     from devinterp.components import resolve_components
@@ -125,12 +128,20 @@ def estimate_component_curves(store: RunStore, model: nn.Module, data: Any, comp
     if missing:
         raise ValueError(f"no snapshot for steps {missing} in {store.path}; its snapshots are "
                          f"at steps {sorted(snaps)[:12]}")
+    calibration = RunCalibration(store, options or {})
+    if wanted:
+        def probe_at(step: int) -> dict[str, Any]:
+            model.load_state_dict(load_weights(snaps[step]))
+            return calibration.probe(model, data, loss_fn=loss_fn, batch_loss=batch_loss)
+
+        calibration.calibrate_posthoc(snaps, probe_at)  # the λ̂ curve's, when it has one
     written: list[dict[str, Any]] = []
     for step in wanted:
         try:
             model.load_state_dict(load_weights(snaps[step]))
             outcome = run_components(model, data, components, loss_fn=loss_fn,
-                                     batch_loss=batch_loss, options=options)
+                                     batch_loss=batch_loss,
+                                     options=calibration.estimator_options())
         except Exception as e:  # noqa: BLE001 - one bad snapshot must not lose the others
             outcome = EstimateFailure(f"{type(e).__name__}: {first_line(e)}")
         rows = component_rows(step, outcome, names)

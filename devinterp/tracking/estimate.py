@@ -37,6 +37,8 @@ class EstimateFailure:
     a result of the run, written as a failed row, never a reason to stop training."""
 
     reason: str
+    #: Every chain diverged: the step size is too large here (run calibration lowers it).
+    diverged: bool = False
 
 
 def estimator_kwargs(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +95,9 @@ def run_estimator(
             return estimate_llc(model, data, loss_fn, batch_loss=batch_loss,
                                 first_chain=first_chain, progress=False, recorders=recorders,
                                 **kwargs)
-    except (AllChainsDivergedError, NonFiniteLossError) as e:
+    except AllChainsDivergedError as e:
+        return EstimateFailure(first_line(e), diverged=True)
+    except NonFiniteLossError as e:
         return EstimateFailure(first_line(e))
 
 
@@ -131,11 +135,12 @@ def failed_row(step: int, reason: str) -> dict[str, Any]:
             "reason": reason, "warnings": ""}
 
 
-def record_result(store: RunStore, step: int, result: Any, *, save_trace: bool = True
-                  ) -> dict[str, Any]:
+def record_result(store: RunStore, step: int, result: Any, *, save_trace: bool = True,
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the row (and the (chain, draw) loss trace) of ``result``: an ``LLCResult``, or an
-    :class:`EstimateFailure`. The library passes only those; a plain string is still read as a
-    failure's reason, for callers written before :class:`EstimateFailure` existed."""
+    :class:`EstimateFailure`, with the columns ``extra`` added (e.g. ``calibration``). The
+    library passes only those; a plain string is still read as a failure's reason, for
+    callers written before :class:`EstimateFailure` existed."""
     if isinstance(result, str):
         result = EstimateFailure(result)
     if isinstance(result, EstimateFailure):
@@ -144,6 +149,7 @@ def record_result(store: RunStore, step: int, result: Any, *, save_trace: bool =
         row = result_row(step, result)
         if save_trace:
             store.save_trace(step, result.loss_trace)
+    row.update(extra or {})
     store.write_llc_row(row)
     return row
 
