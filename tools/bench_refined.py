@@ -3,6 +3,7 @@
 
     python tools/bench_refined.py [--layers 2] [--width 32] [--chains 4] [--draws 200]
                                   [--batch 64 4] [--repeats 2] [--device cuda]
+                                  [--grouping auto|joint|grouped]
 
 The model is a small transformer (``experiments/transformer.py``, width 32, 4 heads) on a
 regression target; the components are its blocks and their MLPs (whole parameters, so both
@@ -67,7 +68,8 @@ def child(args: argparse.Namespace) -> None:
     for _ in range(args.repeats):
         t = time.perf_counter()
         if args.variant == "refined":
-            out = estimate_refined_llc(model, data, gaussian_nll, components=comps, **opts)
+            out = estimate_refined_llc(model, data, gaussian_nll, components=comps,
+                                       grouping=args.grouping, **opts)
         else:
             out = {k: estimate_llc(model, data, gaussian_nll, weights=w, **opts)
                    for k, w in comps.items()}
@@ -91,6 +93,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[64, 4])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--grouping", default="auto", choices=("auto", "joint", "grouped"),
+                   help="estimate_refined_llc's plan (auto: its own choice)")
     p.add_argument("--variant", choices=("refined", "separate"))
     p.add_argument("--save")
     args = p.parse_args()
@@ -109,7 +113,7 @@ def compare(args: argparse.Namespace, batch: int) -> None:
             cmd = [sys.executable, __file__, "--variant", variant, "--save",
                    f"{tmp}/{variant}.npz", f"--batch={batch}"] + [
                 f"--{k}={getattr(args, k)}" for k in
-                ("layers", "width", "chains", "draws", "repeats", "device")]
+                ("layers", "width", "chains", "draws", "repeats", "device", "grouping")]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows[variant] = json.loads(out.strip().splitlines()[-1])
         a, b = np.load(f"{tmp}/separate.npz"), np.load(f"{tmp}/refined.npz")
