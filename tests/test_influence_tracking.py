@@ -5,16 +5,20 @@ failed rows."""
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from llc_models import Tiny, regression_data, trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from devinterp import LLCCallback, load_run
+from devinterp.cli import main as cli_main
+from devinterp.run.estimate import estimate_run
 
 #: Enough draws for the influence ranking; still a fraction of a second per checkpoint.
 SETTINGS = {"num_chains": 2, "num_draws": 60, "num_burnin": 10, "step_size": 1e-3,
@@ -151,5 +155,49 @@ def test_influence_train_subsamples_the_same_training_samples_at_every_step(tmp_
 def test_bad_probes_fail_at_construction():
     with pytest.raises(TypeError, match="probes must be"):
         LLCCallback(every_n_train_steps=1, probes=[1, 2, 3])
-    with pytest.raises(ValueError, match="mode='inline'"):
-        LLCCallback(every_n_train_steps=1, mode="deferred", probes=probes())
+
+
+def test_a_deferred_run_keeps_its_probes_and_devinterp_estimate_records_the_same_influence(
+        tmp_path, probed):
+    cb = LLCCallback(tmp_path / "deferred", every_n_train_steps=4, mode="deferred",
+                     progress=False, probes=probes(), **SETTINGS)
+    fit(tmp_path, [cb])
+    run = load_run(tmp_path / "deferred")
+    assert run.influence.empty and run.settings["probes"] == "influence/probes.pt"
+    kept = torch.load(tmp_path / "deferred" / "influence" / "probes.pt", weights_only=True)
+    assert torch.equal(kept["inputs"], probes()[0]) and torch.equal(kept["targets"], probes()[1])
+    assert cli_main(["estimate", str(tmp_path / "deferred"), "--quiet"]) == 0
+    inline, _ = probed["probed"]
+    pd.testing.assert_frame_equal(load_run(tmp_path / "deferred").influence, inline.influence)
+    got = load_run(tmp_path / "deferred").influence_inputs()
+    for name, array in inline.influence_inputs().items():
+        np.testing.assert_array_equal(got[name], array)
+
+
+def test_devinterp_estimate_probes_file_on_a_run_without_probes(tmp_path, probed):
+    cb = LLCCallback(tmp_path / "plain", every_n_train_steps=4, mode="deferred",
+                     progress=False, **SETTINGS)
+    fit(tmp_path, [cb])
+    x, y = probes()
+    torch.save({"inputs": x, "targets": y}, tmp_path / "probes.pt")
+    assert cli_main(["estimate", str(tmp_path / "plain"), "--probes",
+                     str(tmp_path / "probes.pt"), "--quiet"]) == 0
+    inline, _ = probed["probed"]
+    pd.testing.assert_frame_equal(load_run(tmp_path / "plain").influence, inline.influence)
+    # A file that holds no probe tensors is one clear error.
+    torch.save({"x": x}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"must hold probe tensors"):
+        estimate_run(tmp_path / "plain", probes=str(tmp_path / "bad.pt"), force=True,
+                     progress=False)
+
+
+def test_a_probe_file_outside_the_run_directory_is_refused(tmp_path):
+    cb = LLCCallback(tmp_path / "deferred", every_n_train_steps=8, mode="deferred",
+                     progress=False, probes=probes(), **SETTINGS)
+    fit(tmp_path, [cb])
+    settings = tmp_path / "deferred" / "settings.json"
+    doc = json.loads(settings.read_text())
+    doc["probes"] = "../../elsewhere.pt"
+    settings.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="outside the run directory"):
+        estimate_run(tmp_path / "deferred", progress=False)

@@ -58,6 +58,13 @@ def _parser() -> ArgumentParser:
                    help="one λ̂ curve per attention head, layer or MLP instead, into the run's "
                    "llc_components.csv (then stages_components.json); steps already there are "
                    "skipped unless --force")
+    p.add_argument("--probes", metavar="FILE.pt",
+                   help="also record the Bayesian influence of training samples on these probe "
+                   "samples at every snapshot (torch.save of {'inputs': X, 'targets': Y}); a "
+                   "deferred run with LLCCallback(probes=...) records its own")
+    p.add_argument("--influence-train", type=int, metavar="N",
+                   help="training samples whose influence on the probes is recorded "
+                   "(default 512, or the run's)")
     p.add_argument("--device", help="where to sample, e.g. cuda:0 (default: cpu)")
     add_threads_argument(p, default="the estimator's own choice")
     p.add_argument("--no-traces", action="store_true", help="do not save loss traces")
@@ -181,7 +188,8 @@ def _estimate(args: argparse.Namespace, steps: list[int] | None, workers: int, r
             args.run_dir, module=args.module, data=args.data, loss_fn=args.loss,
             steps=steps, out=args.out, force=args.force, workers=workers,
             rank=rank, device=args.device, save_traces=not args.no_traces,
-            progress=not args.quiet, **options,
+            progress=not args.quiet, probes=args.probes, influence_train=args.influence_train,
+            **options,
         )
     except (FileNotFoundError, NotADirectoryError, PermissionError):  # one line already
         raise

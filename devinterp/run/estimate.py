@@ -57,14 +57,17 @@ from devinterp.run.store import (
 )
 from devinterp.tracking import (
     ESTIMATOR_OPTIONS,
+    EstimateFailure,
     RunCalibration,
     describe,
     estimator_kwargs,
     first_line,
     record_result,
+    resolved_num_chains,
     run_estimator,
     weights_finite,
 )
+from devinterp.tracking.probes import ProbeRecording, kept_probes, load_probes
 
 __all__ = ["EstimateReport", "default_out", "estimate_run", "estimate_run_components",
            "write_stages_or_warn"]
@@ -115,6 +118,8 @@ def estimate_run(
     threads: int | None = None,
     save_traces: bool = True,
     progress: bool = True,
+    probes: Any = None,
+    influence_train: int | None = None,
     **options: Any,
 ) -> EstimateReport:
     # Longer than 60 lines: the docstring is the API reference; the body is 20 lines.
@@ -146,6 +151,13 @@ def estimate_run(
             are; the estimator still runs a small model on one thread, its own policy).
         save_traces: save per-chain loss traces, shape (chain, draw).
         progress: print one line per estimate.
+        probes: also record the Bayesian influence of ``influence_train`` training samples on
+            these probe samples at every snapshot, from the λ̂ estimate's draws, into
+            ``influence/`` (as ``LLCCallback(probes=...)`` does inline): ``(inputs, targets)``
+            tensors, a Dataset, a DataLoader, or a ``.pt`` file of them. Default: the probes
+            a deferred run kept (``settings.json``'s ``probes``), if any.
+        influence_train: training samples whose influence is recorded (default: the run's,
+            else :data:`devinterp.influence.DEFAULT_NUM_TRAIN`).
         **options: estimator options overriding ``settings.json`` (``num_chains``, ...).
 
     Returns:
@@ -161,6 +173,7 @@ def estimate_run(
     check_job(workers, rank, threads)
     check_device(device)
     job = _Job(run_dir, out=out, steps=steps, force=force, options=options)
+    job.probes = _probe_recording(job, probes, influence_train)
     builder = ModelBuilder(job.store, job.meta, module, device)
     threads_before = torch.get_num_threads()
     if threads is not None:
@@ -291,6 +304,7 @@ class _Job:
         self.all_sources: list[Source] = []
         self.sources = self._sources(steps)
         self.calibration = RunCalibration(self.target, self.options)
+        self.probes: ProbeRecording | None = None
         table = self.target.read_table(LLC_FILE)
         sid = settings_id(self.options)
         legacy = settings_id(self.template) if self.template else sid  # rows without an id
@@ -368,13 +382,29 @@ class _Job:
         row; a failure that says ε is too large lowers it from here on."""
         start = time.perf_counter()
         mark = ""
+        recording: dict[str, Any] = {"recorder": None, "error": None}
+
+        def run(opts: Mapping[str, Any]) -> Any:
+            recorders = []
+            if self.probes is not None:  # a fresh recorder per attempt (ε may be lowered)
+                recording["recorder"], recording["error"] = self.probes.recorder(
+                    data, num_chains=resolved_num_chains(opts))
+                recorders = [recording["recorder"]] if recording["recorder"] else []
+            return run_estimator(model, data, loss_fn=loss_fn, batch_loss=batch_loss,
+                                 options=opts, recorders=recorders)
+
         if not weights_finite(model):
-            result: Any = "non-finite weights at this step"
+            result: Any = EstimateFailure("non-finite weights at this step")
         else:
-            result, mark = self.calibration.estimate(src.step, lambda opts: run_estimator(
-                model, data, loss_fn=loss_fn, batch_loss=batch_loss, options=opts))
+            result, mark = self.calibration.estimate(src.step, run)
         row = record_result(self.target, src.step, result, save_trace=save_traces,
                             extra={"calibration": mark} if mark else None)
+        if self.probes is not None:
+            reason = self.probes.write(src.step, result, recording["recorder"],
+                                       recording["error"])
+            if reason is not None:
+                print(f"devinterp estimate: no probe influence at step {src.step} ({reason}); "
+                      "its influence row is marked failed", file=sys.stderr, flush=True)
         if mark == "lowered":
             print(f"devinterp estimate: step {src.step}: the run's step size was too large "
                   f"here ({self.calibration.record()['changes'][-1]['reason']}); lowered to "
@@ -396,6 +426,25 @@ class _Job:
                   "other snapshots are estimated", file=sys.stderr, flush=True)
         if progress:
             print(describe(row, time.perf_counter() - start), flush=True)
+
+
+def _probe_recording(job: _Job, probes: Any, influence_train: int | None
+                     ) -> ProbeRecording | None:
+    """The probe influence this job records: the given probes (a ``.pt`` path is loaded),
+    else those a deferred run kept, else None."""
+    if probes is None and job.template.get("probes"):
+        probes = kept_probes(job.store.path, str(job.template["probes"]))
+    if probes is None:
+        return None
+    if isinstance(probes, (str, os.PathLike)):
+        probes = load_probes(probes)
+    if influence_train is None:
+        influence_train = job.template.get("influence_train")
+    if influence_train is not None and (not isinstance(influence_train, int)
+                                        or influence_train < 1):
+        raise ValueError(f"influence_train must be an integer >= 1, got {influence_train!r}")
+    return ProbeRecording(job.target, probes, num_train=influence_train,
+                          seed=int(job.options.get("seed") or 0))
 
 
 def _read_settings(store: RunStore) -> dict[str, Any]:

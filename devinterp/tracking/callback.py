@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from devinterp.config import SamplerConfig
-from devinterp.influence import DEFAULT_NUM_TRAIN, ProbeInfluence
 from devinterp.run.store import LLC_FILE, RunStore
 from devinterp.tracking.calibration import MAX_LOWERINGS, RunCalibration
 from devinterp.tracking.distributed import check_strategy, gather, merge
@@ -40,6 +39,7 @@ from devinterp.tracking.estimate import (
 )
 from devinterp.tracking.loggers import LoggerGuard, MetricsRecorder, log_metrics, setup_wandb
 from devinterp.tracking.losses import LossSpec, module_loss, training_data
+from devinterp.tracking.probes import ProbeRecording, save_probes
 from devinterp.tracking.recipes import import_path, write_run_file
 from devinterp.tracking.report import attach_dashboard, log_stages
 from devinterp.tracking.schedule import Schedule
@@ -180,8 +180,10 @@ class LLCCallback(Callback):
             λ̂ (one estimate). Written to ``dirpath/influence/step_*.csv`` (long: ``step,
             train_index, query_index, influence, se, kind, status, reason``; read as
             :attr:`devinterp.Run.influence`) with the inputs in ``influence/*.npy``. A step
-            whose λ̂ or influence fails is a failed influence row, λ̂ untouched. Inline mode
-            only, one process (not under DDP).
+            whose λ̂ or influence fails is a failed influence row, λ̂ untouched. Inline: one
+            process (not under DDP). Deferred: the probes (as ``(inputs, targets)`` tensors)
+            are kept in ``influence/probes.pt`` and ``devinterp estimate`` records the
+            influence of every snapshot.
         influence_train: training samples whose influence on the probes is recorded
             (default :data:`devinterp.influence.DEFAULT_NUM_TRAIN`; each costs a forward pass
             per draw and chain).
@@ -238,13 +240,10 @@ class LLCCallback(Callback):
             raise ValueError("LLCCallback: give weights=[...] (one refined λ̂) or components= "
                              "(one λ̂ per component), not both")
         self.components = components
-        self.influence: ProbeInfluence | None = None
-        if probes is not None:
-            if mode != "inline":
-                raise ValueError("LLCCallback: probes= records influence from the inline "
-                                 "estimates' draws; use mode='inline' (or devinterp.estimate_bif "
-                                 "on the snapshots of a deferred run)")
-            self.influence = ProbeInfluence(probes, num_train=influence_train or DEFAULT_NUM_TRAIN)
+        self.influence: ProbeRecording | None = None
+        if probes is not None:  # checked now; the store is known at setup
+            self.influence = ProbeRecording(None, probes, num_train=influence_train,
+                                            seed=int(seed or 0))
         self.dirpath = dirpath
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
@@ -280,7 +279,6 @@ class LLCCallback(Callback):
         self._component_names: list[str] = []
         self._recorder: Any = None
         self._recorder_error: str | None = None
-        self._inputs_saved = False
         self._calibration: RunCalibration | None = None
         #: Inline checkpoints waiting for the run's settings: (step, training loss).
         self._pending: list[tuple[int, float | None]] = []
@@ -320,7 +318,7 @@ class LLCCallback(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy)
-        if self.influence is not None and trainer.world_size > 1:
+        if self.influence is not None and trainer.world_size > 1 and self.mode == "inline":
             raise ValueError("LLCCallback: probes= is not supported under DDP yet; train on "
                              "one device, or run devinterp.estimate_bif on the snapshots")
         if trainer.fast_dev_run:
@@ -343,6 +341,8 @@ class LLCCallback(Callback):
             self._store = RunStore(self.dirpath or os.path.join(base, "llc"), create=True)
         self._module_path = import_path(type(pl_module))
         self._loggers.guard(trainer.loggers, self._store.path)
+        if self.influence is not None:
+            self.influence.store = self._store
         self._calibration = RunCalibration(self._store, self.options)
         self._calibration.active = self._calibration.active and self.mode == "inline"
 
@@ -631,12 +631,8 @@ class LLCCallback(Callback):
         probes, their recorder rides on the same draws (it cannot fail the estimate)."""
         self._recorder = self._recorder_error = None
         if self.influence is not None:
-            try:
-                self._recorder = self.influence.recorder(
-                    self._data, num_chains=count, first_chain=first,
-                    seed=int(self.options.get("seed") or 0))
-            except Exception as e:  # noqa: BLE001 - influence never takes λ̂ down with it
-                self._recorder_error = f"{type(e).__name__}: {first_line(e)}"
+            self._recorder, self._recorder_error = self.influence.recorder(
+                self._data, num_chains=count, first_chain=first)
         recorders = [self._recorder] if self._recorder is not None else []
         try:
             with preserved_training_state(pl_module):
@@ -675,32 +671,15 @@ class LLCCallback(Callback):
 
     def _influence_step(self, step: int, result: Any) -> None:
         """On global rank 0: the probes' influence of this step from the draws of its λ̂ (or
-        a failed row saying why there is none), and once the inputs that draw it."""
-        from devinterp.influence import influence_rows
-
+        a failed row saying why there is none)."""
         recorder, self._recorder = self._recorder, None
-        reason = (result.reason if isinstance(result, EstimateFailure)
-                  else self._recorder_error or (None if recorder else "no chain was run"))
-        bif = None
-        if reason is None:
-            try:
-                bif = self.influence.result(recorder, result)
-            except Exception as e:  # noqa: BLE001 - a diagnostic never ends training
-                reason = first_line(e)
+        reason = None
+        with self._contained("influence", f"write the probe influence of step {step}"):
+            reason = self.influence.write(step, result, recorder, self._recorder_error)
         if reason is not None:
             self._warn_once(f"influence:{reason}", (
                 f"LLCCallback: no probe influence at step {step} ({reason}); training goes on, "
                 "the influence row is marked failed"))
-        with self._contained("influence", f"write the probe influence of step {step}"):
-            if bif is None:
-                self._store.write_influence(step, reason=reason, kind=self.influence.kind)
-                return
-            self._store.write_influence(step, influence_rows(bif), kind=bif.kind)
-            if not self._inputs_saved:
-                query_inputs, train_inputs = self.influence.inputs()
-                self._store.save_influence_inputs(query_inputs, train_inputs,
-                                                  self.influence.train_indices)
-                self._inputs_saved = True
 
     @contextlib.contextmanager
     def _contained(self, key: str, what: str) -> Iterator[None]:
@@ -746,12 +725,17 @@ class LLCCallback(Callback):
         missing = write_run_file(self._store, module, data=self._data,
                                  data_given=self.data is not None,
                                  datamodule=trainer.datamodule, loss=self._loss, mode=self.mode)
+        probes = {}
+        if self.influence is not None and self.mode == "deferred":
+            # `devinterp estimate` records the influence from the run directory's copy.
+            probes = {"probes": save_probes(self._store, self.influence.influence.probes),
+                      "influence_train": self.influence.influence.num_train}
         write_settings(self._store, self.options, mode=self.mode, schedule={
             "every_n_train_steps": self.every_n_train_steps,
             "every_n_epochs": self.every_n_epochs, "steps": self.steps,
             "log_spaced": self.log_spaced, "include_init": self.include_init,
             "planned": self._schedule.planned() if self._schedule.max_steps else None,
-        })
+        }, **probes)
         if missing and self.mode == "deferred":
             self._warn_once("missing", "LLCCallback (deferred): `devinterp estimate` cannot "
                                        f"rebuild {', '.join(missing)} from {self._store.path}; "
