@@ -116,3 +116,19 @@ def test_bench_llc_rejects_a_checkpoint_without_its_model() -> None:
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert "--checkpoint 'lm.ckpt': write MODEL=PATH with MODEL one of icl, induction" in last
+
+
+@pytest.mark.slow
+def test_bench_calibration_prints_the_per_run_and_per_call_costs() -> None:
+    out = run_tool("tools/bench_calibration.py", "--steps", "40", "--chains", "2", "--draws",
+                   "20")
+    assert out.returncode == 0, out.stderr
+    per_run = re.findall(r"^\s+(inline|post-hoc)\s*: calibration\s+([0-9.]+) s \((\d+) "
+                         r"checkpoints calibrated\).* ([0-9.]+)% of the run's estimation time$",
+                         out.stdout, re.M)
+    assert [p[0] for p in per_run] == ["inline", "post-hoc"]
+    assert all(0 < float(p[3]) < 100 and int(p[2]) >= 1 for p in per_run)
+    assert per_run[1][2] == "2"  # post-hoc: an early and the last checkpoint
+    per_call = re.findall(r"calibration ([0-9.]+) s, the estimate ([0-9.]+) s: (\d+)% extra",
+                          out.stdout)
+    assert len(per_call) == 2
