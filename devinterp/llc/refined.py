@@ -52,7 +52,7 @@ __all__ = ["estimate_refined_llc"]
 _OPTIONS = ("num_chains", "num_draws", "num_burnin", "batch_size", "step_size",
             "localization", "nbeta", "sampler", "seed", "num_samples", "chain_chunk_size",
             "vectorize", "num_threads")
-_CALL_OPTIONS = ("device", "first_chain", "progress", "grouping")
+_CALL_OPTIONS = ("device", "first_chain", "progress", "grouping", "recorders")
 #: ``grouping="auto"`` runs every chain in one computation below this many sampled
 #: parameters × batch size: ``tools/bench_refined.py`` measured joint 0.54× the time of
 #: separate calls at 0.1M (a 26k-parameter transformer, batch 4) and grouped faster than
@@ -78,13 +78,15 @@ def estimate_refined_llc(
             ``{parameter_name: bool tensor of that parameter's shape}`` (True = this entry
             moves). Or a shorthand: ``"heads"``, ``"layers"``, ``"mlps"``
             (:mod:`devinterp.components`). Everything outside a component stays at w*.
-        **options: every option of :func:`devinterp.estimate_llc` except ``weights`` and
-            ``recorders``, with the same defaults; ``num_chains`` is per component and
-            ``chain_chunk_size`` counts (component, chain) pairs. One more option,
-            ``grouping``: ``"joint"`` runs every chain in one computation, ``"grouped"`` one
-            computation per set of parameters (the heads of a layer share one), ``"auto"``
-            (default) joint on small work, else grouped (:func:`plan`); same draws to float
-            rounding.
+        **options: every option of :func:`devinterp.estimate_llc` except ``weights``, with the
+            same defaults; ``num_chains`` is per component and ``chain_chunk_size`` counts
+            (component, chain) pairs. ``recorders`` are bound to the problem over the union
+            of the components' parameters and see pair (k, c), the chain c (counted from
+            ``first_chain``) of the k-th component, as chain ``k·num_chains + c``. One more
+            option, ``grouping``: ``"joint"`` runs every chain in one computation,
+            ``"grouped"`` one computation per set of parameters (the heads of a layer share
+            one), ``"auto"`` (default) joint on small work, else grouped (:func:`plan`); same
+            draws to float rounding.
 
     Returns:
         ``{name: LLCResult}`` in the order of ``components``; each result's settings name its
@@ -123,6 +125,10 @@ def estimate_refined_llc(
         check_loss(prob, cfg.seed)
         vectorize = cfg.vectorize and vmap_works(prob, cfg.seed, notes)
         _cache_baseline(prob, cfg, loss_fn)
+        recorders = list(options.get("recorders", ()))
+        for recorder in recorders:
+            if hasattr(recorder, "bind"):
+                recorder.bind(prob)
         t_cal = time.perf_counter()
         for comp in comps:
             comp.step_size, comp.calibration = _step_size(comp.problem(prob), cfg, nbeta,
@@ -130,7 +136,7 @@ def estimate_refined_llc(
         t_cal = time.perf_counter() - t_cal
         how, groups = plan(prob, cfg, comps, grouping, vectorize)
         _run_all(prob, cfg, nbeta, groups, vectorize, first_chain,
-                 bool(options.get("progress", False)))
+                 bool(options.get("progress", False)), comps, recorders)
     elapsed = time.perf_counter() - t_start
     out = {}
     for comp in comps:
@@ -263,10 +269,12 @@ def _group_problem(prob: Problem, names: tuple[str, ...]) -> Problem:
 
 def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float,
              groups: list[tuple[tuple[str, ...], list[_Component]]], vectorize: bool,
-             first_chain: int, progress: bool) -> None:
+             first_chain: int, progress: bool, comps: list[_Component],
+             recorders: list[driver.Recorder]) -> None:
     """All (component, chain) pairs, group by group in chunks; every group iterates the same
     minibatches (same seed) and shares the paired-baseline cache; each chunk's outputs go
-    back to its components."""
+    back to its components, its draws to ``recorders`` (pairs numbered in ``comps``
+    order)."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -276,14 +284,15 @@ def _run_all(prob: Problem, cfg: SamplerConfig, nbeta: float,
     try:
         for names, members in groups:
             _run_group(_group_problem(prob, names), cfg, nbeta, members, vectorize,
-                       first_chain, bar)
+                       first_chain, bar, [_Pairs(r, comps, cfg.num_chains, first_chain)
+                                          for r in recorders])
     finally:
         if bar is not None:
             bar.close()
 
 
 def _run_group(prob: Problem, cfg: SamplerConfig, nbeta: float, comps: list[_Component],
-               vectorize: bool, first_chain: int, bar: Any) -> None:
+               vectorize: bool, first_chain: int, bar: Any, recorders: list[_Pairs]) -> None:
     """One group's (component, chain) pairs in chunks of one vectorized computation each."""
     pairs = [(comp, first_chain + c) for comp in comps for c in range(cfg.num_chains)]
     chunk = cfg.chain_chunk_size or (chains_that_fit(prob, len(pairs)) if vectorize else 1)
@@ -304,8 +313,31 @@ def _run_group(prob: Problem, cfg: SamplerConfig, nbeta: float, comps: list[_Com
             prob, [c for _, c in part], seed=cfg.seed, kernel=get_kernel(cfg.sampler),
             step_size=eps, nbeta=nbeta, localization=float(cfg.localization),
             num_burnin=cfg.burnin, num_draws=cfg.num_draws, vectorize=vectorize,
-            progress=bar, restriction=restriction)
+            progress=bar, restriction=restriction,
+            recorders=[r.chunk(part) for r in recorders])
         _hand_back(run, [comp for comp, _ in part])
+
+
+@dataclass
+class _Pairs:
+    """A recorder that sees the (component, chain) pairs of a chunk as chains numbered
+    ``k·num_chains + c`` (k the component's position, c the chain counted from
+    ``first_chain``): the chain indices run_chains reports repeat across components."""
+
+    recorder: driver.Recorder
+    comps: list[_Component]
+    num_chains: int
+    first_chain: int
+    index: tuple[int, ...] = ()
+
+    def chunk(self, part: list[tuple[_Component, int]]) -> _Pairs:
+        order = {id(comp): k for k, comp in enumerate(self.comps)}
+        return replace(self, index=tuple(order[id(comp)] * self.num_chains + c - self.first_chain
+                                         for comp, c in part))
+
+    def on_draw(self, draw: int, chains: Any, position: dict[str, Tensor], losses: Tensor,
+                baseline: Tensor, batch: Any) -> None:
+        self.recorder.on_draw(draw, self.index, position, losses, baseline, batch)
 
 
 def _hand_back(run: driver.ChainRun, owners: list[_Component]) -> None:
