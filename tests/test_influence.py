@@ -127,6 +127,45 @@ def test_per_sample_losses_are_the_llc_loss_per_sample():
     assert rec.notes == []
 
 
+def test_per_chain_and_vmapped_probe_forwards_give_the_same_losses():
+    """On CPUs a few chains' probe forwards loop over the chains and many chains' are one
+    vmapped pass: the chains both runs share (seeded by index) see the same probe losses."""
+    model, x, y = classifier_data()
+    traces = []
+    for chains in (2, 8):
+        rec = ProbeLosses((x, y), chains, keep_trace=True)
+        estimate_llc(model, (x, y), nn.functional.cross_entropy, num_chains=chains,
+                     num_draws=20, step_size=1e-3, seed=0, recorders=[rec])
+        assert rec._batch_chains(chains, len(x)) == (chains == 8)
+        traces.append(rec.trace()[:2])
+    np.testing.assert_allclose(traces[0], traces[1], rtol=1e-5, atol=1e-7)
+
+
+def test_unreduced_losses_are_used_only_where_they_are_the_per_sample_losses():
+    """``loss_fn(..., reduction="none")`` replaces the per-sample vmap when it gives every
+    probe's loss; a token mean with ignored targets does not (its unreduced mean over the
+    sequence counts the ignored zeros), and is then applied one sample at a time."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 5, 3, generator=g), torch.randint(0, 4, (12, 5), generator=g)
+    model = nn.Linear(3, 4)
+
+    def token_ce(out: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.transpose(1, 2), t, **kw)
+
+    def plain(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return token_ce(out, t)
+
+    padded = y.clone()
+    padded[9:, 3:] = -100  # only in the second chunk
+    for targets, unreduced in ((y, True), (padded, False)):
+        fast = ProbeLosses((x, targets), 2, keep_trace=True, chunk_size=8, loss_fn=token_ce)
+        slow = ProbeLosses((x, targets), 2, keep_trace=True, chunk_size=8, loss_fn=plain)
+        estimate_llc(model, (x, y), token_ce, batch_size=12, num_chains=2, num_draws=10,
+                     step_size=1e-3, recorders=[fast, slow])
+        assert fast._unreduced is unreduced and slow._unreduced is False
+        np.testing.assert_allclose(fast.trace(), slow.trace(), rtol=1e-6)
+
+
 def test_a_batch_loss_gives_the_same_per_sample_losses_as_loss_fn():
     model, x, y, _ = regression(3)
     opts = dict(batch_size=len(x), num_chains=2, num_draws=30, seed=0, **GAUSSIAN)

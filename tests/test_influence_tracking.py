@@ -140,7 +140,7 @@ def test_probes_the_loss_cannot_read_fail_the_influence_not_lambda_hat(tmp_path)
     run = load_run(tmp_path / "run")
     assert run.llc["status"].tolist() == ["ok"]
     assert run.influence["status"].tolist() == ["failed"]
-    assert "Expected size" in run.influence["reason"][0]  # the forward at the probes failed
+    assert "per-sample loss of the probes" in run.influence["reason"][0]  # their forward failed
 
 
 def test_influence_train_subsamples_the_same_training_samples_at_every_step(tmp_path):
