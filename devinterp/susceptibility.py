@@ -22,7 +22,6 @@ the unrestricted posterior; here both moments are the restricted posterior's own
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,9 +31,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from devinterp.components import Restriction, resolve_components
 from devinterp.config import SamplerConfig
 from devinterp.influence import DEFAULT_NUM_TRAIN, subsample
-from devinterp.llc import estimate_llc
+from devinterp.llc import estimate_refined_llc
 from devinterp.llc.data import LossFn
 from devinterp.llc.observables import (
     DEFAULT_PROBE_CHUNK,
@@ -55,28 +55,36 @@ def estimate_susceptibilities(
     data: Dataset | DataLoader | tuple[Tensor, Tensor],
     loss_fn: LossFn | None = None,
     *,
-    components: Mapping[str, Sequence[str]] | Sequence[str],
+    components: Mapping[str, Restriction] | Sequence[str] | str,
     probes: Mapping[str, Any],
     batch_loss: BatchLoss | None = None,
     num_train: int = DEFAULT_NUM_TRAIN,
     probe_chunk_size: int = DEFAULT_PROBE_CHUNK,
     **options: Any,
 ) -> pd.DataFrame:
-    """χ(component, probe) for every component and probe, from one restricted-posterior SGLD
-    run per component (see :mod:`devinterp.susceptibility` for the definition and sign).
+    """χ(component, probe) for every component and probe, from the restricted-posterior SGLD
+    chains of all components run as one computation (see :mod:`devinterp.susceptibility` for
+    the definition and sign).
+
+    The chains are :func:`devinterp.estimate_refined_llc`'s: every component's chains iterate
+    the same minibatches and share the paired baseline, the chains of components over the same
+    parameters are batched together (``grouping``), and one probe-loss recorder evaluates L
+    and every probe at every chain's draw; a component's numbers are those of a run of it
+    alone (the same seed gives the same draws).
 
     Args:
         model, data, loss_fn, batch_loss: as for :func:`devinterp.estimate_llc`.
-        components: name -> parameter names or ``fnmatch`` patterns (e.g.
-            ``{"layer 0": ["0.*"], "head": ["2.weight"]}``), or a list of patterns, each its
-            own component named by itself.
+        components: as :func:`devinterp.estimate_refined_llc` takes them: name ->
+            parameter names / ``fnmatch`` patterns (e.g. ``{"layer 0": ["0.*"]}``) or
+            ``{parameter: bool mask}``, or a shorthand (``"heads"``, ``"layers"``,
+            ``"mlps"``); or a list of patterns, each its own component named by itself.
         probes: name -> probe samples: ``(inputs, targets)`` tensors, a Dataset or a
             DataLoader (read in order).
         num_train: size of the fixed subsample of ``data`` whose mean loss is L (drawn from
             ``seed``; all of ``data`` when it has fewer).
         probe_chunk_size: samples per forward pass.
-        **options: estimate_llc's options (num_chains, num_draws, step_size, nbeta, ...);
-            not ``weights`` (the components choose them).
+        **options: estimate_refined_llc's options (num_chains — per component —, num_draws,
+            step_size, nbeta, grouping, ...); not ``weights`` (the components choose them).
 
     Returns:
         A DataFrame with columns ``component``, ``probe``, ``susceptibility``, ``se`` (the
@@ -86,7 +94,7 @@ def estimate_susceptibilities(
     if "weights" in options or "recorders" in options:
         raise TypeError("estimate_susceptibilities sets weights= per component and its own "
                         "recorders; pass components={name: [parameter patterns]} instead")
-    named = _components(model, components)
+    named = resolve_components(model, _components(components))
     if not isinstance(probes, Mapping) or not probes:
         raise ValueError("probes must be a non-empty mapping name -> probe samples, e.g. "
                          "{'digits': (x, y)}")
@@ -99,15 +107,15 @@ def estimate_susceptibilities(
         reduce[start : start + size, j] = 1.0 / size
         start += size
     num_chains = int(options.get("num_chains") or SamplerConfig().num_chains)
-    rows, llcs = [], {}
-    for name, patterns in named.items():
-        rec = ProbeLosses(ProbeSets(tuple(parts)), num_chains, rows=[0],
-                          cols=range(len(parts)), chunk_size=probe_chunk_size,
-                          first_chain=int(options.get("first_chain", 0)), reduce=reduce)
-        llc = estimate_llc(model, data, loss_fn, batch_loss=batch_loss, weights=patterns,
-                           recorders=[rec], **options)
-        llcs[name] = llc
-        chi, se = _susceptibility(rec, ~np.isnan(llc.llc_per_chain))
+    rec = ProbeLosses(ProbeSets(tuple(parts)), len(named) * num_chains, rows=[0],
+                      cols=range(len(parts)), chunk_size=probe_chunk_size, reduce=reduce)
+    llcs = estimate_refined_llc(model, data, loss_fn, components=named,
+                                batch_loss=batch_loss, recorders=[rec], **options)
+    rows = []
+    for k, (name, llc) in enumerate(llcs.items()):
+        keep = np.zeros(len(named) * num_chains, bool)
+        keep[k * num_chains : (k + 1) * num_chains] = ~np.isnan(llc.llc_per_chain)
+        chi, se = _susceptibility(rec, keep)
         rows += [{"component": name, "probe": probe, "susceptibility": float(chi[j]),
                   "se": float(se[j])} for j, probe in enumerate(probes)]
     frame = pd.DataFrame(rows, columns=COLUMNS)
@@ -120,7 +128,6 @@ def _susceptibility(rec: ProbeLosses, keep: np.ndarray) -> tuple[np.ndarray, np.
     chains ``keep``, and the standard error from the per-chain values."""
     cov, _ = rec.covariance(keep)  # (1, 1 + probes): Cov(L, L), Cov(L, ℓ_q)
     chi = cov[0, 0] - cov[0, 1:]
-    rec.flush()
     _, _, per = rec.moments.per_chain()
     good = keep & (rec.moments.count.cpu().numpy() > 1)
     per_chi = (per[:, 0, :1] - per[:, 0, 1:]).cpu().numpy()[good]
@@ -129,22 +136,15 @@ def _susceptibility(rec: ProbeLosses, keep: np.ndarray) -> tuple[np.ndarray, np.
     return chi, se
 
 
-def _components(model: nn.Module, components: Any) -> dict[str, list[str]]:
-    """Components as name -> patterns, each matching at least one parameter."""
+def _components(components: Any) -> Mapping[str, Restriction] | str:
+    """Components as estimate_refined_llc takes them: a list of patterns becomes one
+    component per pattern, named by it; a single pattern in a mapping, a list of one."""
+    if isinstance(components, str):
+        return components
     if isinstance(components, Mapping):
-        named = {str(k): [v] if isinstance(v, str) else list(v) for k, v in components.items()}
-    elif isinstance(components, Sequence) and not isinstance(components, str):
-        named = {str(p): [p] for p in components}
-    else:
-        raise TypeError("components must be a mapping name -> parameter patterns or a list of "
-                        f"patterns, got {type(components).__name__}")
-    if not named:
-        raise ValueError("components is empty: name at least one set of parameters")
-    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
-    for name, patterns in named.items():
-        if not patterns or not any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names):
-            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
-            raise ValueError(f"component {name!r} ({patterns}) matches no parameter of "
-                             f"{type(model).__name__}; its parameters are: {shown}")
-    return named
-
+        return {k: [v] if isinstance(v, str) else v for k, v in components.items()}
+    if isinstance(components, Sequence):
+        return {str(p): [p] for p in components}
+    raise TypeError("components must be a mapping name -> parameter patterns or masks, a list "
+                    f"of patterns or one of 'heads', 'layers', 'mlps'; got "
+                    f"{type(components).__name__}")

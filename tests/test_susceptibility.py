@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -80,7 +81,7 @@ def test_susceptibilities_match_the_exact_restricted_posterior():
 def test_bad_components_and_probes_are_named():
     model, x, y, _ = problem()
     data = (x[:40], y[:40])
-    with pytest.raises(ValueError, match="component 'c'.*matches no parameter.*a.weight"):
+    with pytest.raises(ValueError, match="component 'c'.*match no parameter.*a.weight"):
         estimate_susceptibilities(model, data, half_se, components={"c": ["c.*"]},
                                   probes={"p": data})
     with pytest.raises(ValueError, match="probes must be a non-empty mapping"):
@@ -104,3 +105,50 @@ def test_the_training_data_as_probe_has_zero_susceptibility():
     assert (train.susceptibility.abs() < 1e-12).all(), train
     shifted = frame[frame.probe == "shifted"]
     assert (shifted.susceptibility.abs() > 1e-4).all(), shifted
+
+
+@pytest.mark.parametrize("grouping", ["joint", "grouped"])
+def test_components_run_together_give_each_component_run_alone(grouping):
+    """One computation over every component's chains (one probe recorder over all of them)
+    gives, component by component, the numbers of a run of that component alone."""
+    model, x, y, _ = problem()
+    data = (x[:40], y[:40])
+    probes = {"seen": (x[:10], y[:10]), "shifted": (x[40:], y[40:])}
+    opts = dict(num_chains=3, num_draws=60, step_size=1e-2, seed=2)
+    both = estimate_susceptibilities(model, data, half_se, components={"a": ["a.*"],
+                                     "b": ["b.*"]}, probes=probes, grouping=grouping, **opts)
+    assert both.attrs["llc"]["a"].settings["components_run"] == grouping
+    for name in ("a", "b"):
+        alone = estimate_susceptibilities(model, data, half_se,
+                                          components={name: [f"{name}.*"]}, probes=probes,
+                                          **opts)
+        got = both[both.component == name].reset_index(drop=True)
+        np.testing.assert_allclose(got.susceptibility, alone.susceptibility, rtol=1e-9)
+        np.testing.assert_allclose(got.se, alone.se, rtol=1e-9)
+        np.testing.assert_allclose(both.attrs["llc"][name].llc_per_chain,
+                                   alone.attrs["llc"][name].llc_per_chain, rtol=1e-9)
+
+
+class WithDeadWeights(TwoPart):
+    """TwoPart and a parameter the output does not depend on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dead = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+
+def test_a_component_no_loss_depends_on_has_zero_susceptibility():
+    """Moving weights that neither L nor any probe loss depends on changes no loss: χ is 0
+    (to float rounding) for that component, in the same computation as components that do respond
+    (a chain moving another component's weights would break it)."""
+    model, x, y, _ = problem()
+    dead = WithDeadWeights()
+    dead.load_state_dict(model.state_dict(), strict=False)
+    frame = estimate_susceptibilities(
+        dead, (x[:40], y[:40]), half_se, components=["dead", "a.*", "b.*"],
+        probes={"shifted": (x[40:], y[40:])}, num_chains=3, num_draws=60, step_size=1e-2,
+        seed=0, grouping="joint")
+    assert frame.attrs["llc"]["dead"].settings["components_run"] == "joint"
+    chi = dict(zip(frame.component, frame.susceptibility, strict=True))
+    assert abs(chi["dead"]) < 1e-20, frame
+    assert abs(chi["a.*"]) > 1e-4 and abs(chi["b.*"]) > 1e-4, frame
