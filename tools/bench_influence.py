@@ -35,10 +35,8 @@ import time
 import torch
 from torch import nn
 
-from devinterp.influence import DEFAULT_NUM_TRAIN, subsample
 from devinterp.llc import estimate_llc
 from devinterp.llc.observables import ProbeLosses, ProbeSets
-from devinterp.susceptibility import estimate_susceptibilities
 
 
 def setup(n: int = 2048, d: int = 64, hidden: int = 256) -> tuple[nn.Module, tuple]:
@@ -94,6 +92,10 @@ def memory_run(probes: int, draws: int, chains: int) -> dict:
 
 def susceptibility_times(k: int, chains: int, draws: int) -> None:
     """estimate_susceptibilities over k layers against one estimate_llc per layer."""
+    # Imported here: the memory runs' peak RSS should not count pandas.
+    from devinterp.influence import DEFAULT_NUM_TRAIN, subsample
+    from devinterp.susceptibility import estimate_susceptibilities
+
     g = torch.Generator().manual_seed(1)
     d, hidden = 16, 32
     x = torch.randn(1024, d, generator=g)
