@@ -18,7 +18,7 @@ hidden layers of a deeper MLP, 2 probe sets) against what it did before sharing 
 computation: one estimate_llc(weights=component) per component, each with its own recorder.
 
     python tools/bench_influence.py [--probes 64 256 1024] [--draws 200] [--chains 4]
-                                    [--components 3]
+                                    [--components 3] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each, best kept")
     ap.add_argument("--components", type=int, default=3,
                     help="components of the susceptibility comparison (0: skip it)")
     ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -148,12 +149,12 @@ def main() -> None:
     ce = nn.functional.cross_entropy
     kw = dict(num_chains=args.chains, num_draws=args.draws, **OPTIONS)
     print(f"{args.chains} chains × {args.draws} draws (batch {OPTIONS['batch_size']}); "
-          "CPU seconds, plain and probed runs interleaved, best of 3 each")
+          f"CPU seconds, plain and probed runs interleaved, best of {args.repeats} each")
     print(f"{'P':>6} {'plain s':>8} {'probes s':>9} {'ratio':>7} {'target':>7} "
           f"{'per-chain':>9} {'within':>6}")
     for p in args.probes:
         plain, probed = float("inf"), float("inf")
-        for _ in range(3):  # interleaved: load from other processes hits both alike
+        for _ in range(args.repeats):  # interleaved: other processes' load hits both alike
             plain = min(plain, timed(lambda: estimate_llc(model, (x, y), ce, **kw), 1))
             probed = min(probed, timed(lambda p=p: estimate_llc(
                 model, (x, y), ce, recorders=[ProbeLosses((x[:p], y[:p]), args.chains)],
