@@ -18,7 +18,7 @@ hidden layers of a deeper MLP, 2 probe sets) against what it did before sharing 
 computation: one estimate_llc(weights=component) per component, each with its own recorder.
 
     python tools/bench_influence.py [--probes 64 256 1024] [--draws 200] [--chains 4]
-                                    [--components 3] [--repeats 3]
+                                    [--components 3] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -136,7 +137,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, nargs="+", default=[64, 256, 1024])
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--chains", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3, help="runs of each, best kept")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds (medians are printed)")
     ap.add_argument("--components", type=int, default=3,
                     help="components of the susceptibility comparison (0: skip it)")
     ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
@@ -149,20 +150,25 @@ def main() -> None:
     ce = nn.functional.cross_entropy
     kw = dict(num_chains=args.chains, num_draws=args.draws, **OPTIONS)
     print(f"{args.chains} chains × {args.draws} draws (batch {OPTIONS['batch_size']}); "
-          f"CPU seconds, plain and probed runs interleaved, best of {args.repeats} each")
+          f"CPU seconds; {args.repeats} rounds of a plain run, a probed run and the forward "
+          "timings, medians of each round's values")
     print(f"{'P':>6} {'plain s':>8} {'probes s':>9} {'ratio':>7} {'target':>7} "
           f"{'per-chain':>9} {'within':>6}")
+    n = args.draws * args.chains
+    # Warm-up (lazy imports, first-call costs), not timed.
+    estimate_llc(model, (x, y), ce, recorders=[ProbeLosses((x[:8], y[:8]), args.chains)], **kw)
     for p in args.probes:
-        plain, probed = float("inf"), float("inf")
-        for _ in range(args.repeats):  # interleaved: other processes' load hits both alike
-            plain = min(plain, timed(lambda: estimate_llc(model, (x, y), ce, **kw), 1))
-            probed = min(probed, timed(lambda p=p: estimate_llc(
+        rounds = []
+        for _ in range(args.repeats):  # a round's values share the machine's load of the time
+            plain = timed(lambda: estimate_llc(model, (x, y), ce, **kw), 1)
+            probed = timed(lambda p=p: estimate_llc(
                 model, (x, y), ce, recorders=[ProbeLosses((x[:p], y[:p]), args.chains)],
-                **kw), 1))
-        extra = args.draws * args.chains * forward_time(model, x[:p], y[:p])
-        cold = args.draws * args.chains * forward_time(model, x[:p], y[:p],
-                                                       copies=args.chains)
-        ratio, target, per_chain = probed / plain, 1 + extra / plain, 1 + cold / plain
+                **kw), 1)
+            hot = forward_time(model, x[:p], y[:p])
+            cold = forward_time(model, x[:p], y[:p], copies=args.chains)
+            rounds.append((plain, probed, probed / plain, 1 + n * hot / plain,
+                           1 + n * cold / plain))
+        plain, probed, ratio, target, per_chain = np.median(np.array(rounds), axis=0)
         within = "yes" if ratio <= target else "per-chain" if ratio <= per_chain else "no"
         print(f"{p:>6} {plain:8.2f} {probed:9.2f} {ratio:7.3f} {target:7.3f} "
               f"{per_chain:9.3f} {within:>6}")
