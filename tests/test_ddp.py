@@ -57,3 +57,34 @@ def test_ddp_spawn_two_cpu_processes_matches_one_process(tmp_path):
                                   rtol=1e-5)
     for step in (0, 2, 4):
         np.testing.assert_allclose(ddp.trace(step), one.trace(step), rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
+def test_ddp_run_calibration_holds_rank_zeros_step_on_every_rank(tmp_path):
+    """Step size unset: global rank 0 calibrates, every rank samples with its ε (the rows
+    equal a one-process estimate of the same snapshots with the same run settings)."""
+    settings = {key: value for key, value in FAST.items() if key != "step_size"}
+    settings["num_chains"] = 3
+    run_dir = tmp_path / "ddp"
+    cb = LLCCallback(run_dir, every_n_train_steps=2, progress=False, **settings)
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=4, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[cb],
+    )
+    trainer.fit(Tiny())
+    ddp = load_run(run_dir)
+    (entry,) = ddp.calibration.values()
+    assert ddp.llc["step"].tolist() == [0, 2, 4] and (ddp.llc["status"] == "ok").all()
+    assert (ddp.llc["step_size"] == entry["step_size"]).all()
+    single = tmp_path / "single"
+    shutil.copytree(run_dir, single)
+    (single / LLC_FILE).unlink()
+    shutil.rmtree(single / TRACE_DIR)
+    estimate_run(single, progress=False)  # reuses calibration.json: the run's settings
+    one = load_run(single)
+    numeric = ["llc_mean", "llc_std", "step_size", "nbeta"]
+    pd.testing.assert_frame_equal(ddp.llc[["step", *numeric]], one.llc[["step", *numeric]],
+                                  rtol=1e-5)
