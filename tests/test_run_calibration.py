@@ -197,3 +197,20 @@ def test_calibration_file_is_kept_by_settings_id(tmp_path):
     doc = json.loads((tmp_path / CALIBRATION_FILE).read_text())
     assert {doc[a.key]["step_size"], doc[b.key]["step_size"]} == {0.01, 0.02}
     assert RunCalibration(store, SMALL).estimator_options()["step_size"] == 0.01
+
+
+def test_posthoc_component_curves_use_the_run_step(tmp_path):
+    from devinterp.run.estimate import estimate_run_components
+
+    fit(tmp_path, [LLCCallback(tmp_path / "run", every_n_train_steps=20, mode="deferred",
+                               progress=False)])
+    components = {"first": ["net.0.*"], "last": ["net.2.*"]}
+    estimate_run_components(tmp_path / "run", components, **SMALL)
+    run = load_run(tmp_path / "run")
+    entry = entry_of(run)  # chosen on the whole model's early and last snapshots
+    assert [c["step"] for c in entry["calibrated_on"]] == early_and_last(run.snapshots)
+    assert (run.components["step_size"] == entry["step_size"]).all()
+    assert (run.components["status"] == "ok").all()
+    # The λ̂ curve estimated afterwards holds the same step.
+    estimate_run(tmp_path / "run", progress=False, **SMALL)
+    assert (load_run(tmp_path / "run").llc["step_size"] == entry["step_size"]).all()
