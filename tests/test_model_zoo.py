@@ -322,8 +322,11 @@ def fit_with_callback(tmp_path: Path, module: pl.LightningModule, dataset: Datas
                       max_steps: int = 2) -> pd.DataFrame:
     """Train ``max_steps`` steps with an LLCCallback every 2 steps (and at step 0); return the
     λ̂ table."""
+    # step_size="auto": chosen at each checkpoint as a direct estimate_llc call chooses it, so
+    # step 0 can be compared with one (unset, the run's one step comes from a later checkpoint:
+    # tests/test_run_calibration.py).
     callback = LLCCallback(tmp_path / "llc", every_n_train_steps=2, batch_size=16,
-                           progress=False, **FAST)
+                           step_size="auto", progress=False, **FAST)
     trainer = pl.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False,
                          accelerator="cpu", devices=1, default_root_dir=tmp_path,
