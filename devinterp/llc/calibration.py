@@ -21,9 +21,14 @@ from devinterp.llc.errors import NonFiniteCurvatureError
 from devinterp.llc.problem import Problem
 from devinterp.samplers import Kernel
 
-__all__ = ["NEAR_MINIMUM_BELOW", "calibrate", "hessian_top", "step_cap"]
+__all__ = ["NEAR_MINIMUM_BELOW", "STABLE_REL", "STABLE_SE", "calibrate", "check_stability",
+           "hessian_top", "step_cap"]
 
 STEP_CAP = 0.1
+#: λ̂ counts as stable under a change of settings when it moves by less than this fraction of
+#: itself plus ``STABLE_SE`` standard errors of the difference (issue 12's criterion).
+STABLE_REL = 0.05
+STABLE_SE = 2.0
 #: w* counts as near a minimum when at most this fraction of the pilot chains' draws fall below
 #: the paired baseline L_B(w*) (the health rule's bound): on a slope the chains run downhill.
 NEAR_MINIMUM_BELOW = rule_for("frac_below_baseline").high
@@ -137,3 +142,40 @@ def calibrate(prob: Problem, *, seed: int, nbeta: float, localization: float,
     return eps, {"calibration_rounds": len(rounds), "hessian_top": h0, "calibration": rounds,
                  "calibration_acceptance": rounds[-1]["acceptance"], "curvature_method": method,
                  "near_minimum": rounds[-1]["frac_below_baseline"] <= NEAR_MINIMUM_BELOW}
+
+
+def check_stability(model: Any, data: Any, loss_fn: Any = None, **options: Any) -> dict[str, Any]:
+    """The checks a careful researcher runs by hand on ``estimate_llc(model, data, loss_fn,
+    **options)``: its split R-hat, and how far λ̂ moves when the same settings (the ε, nβ and γ
+    it used) run 4× longer (draws and burn-in) and when ε is halved.
+
+    A change counts as stable when ``|Δλ̂| < STABLE_REL·|λ̂| + STABLE_SE·se(Δλ̂)``, the standard
+    error of the difference over chains of both estimates. Costs six estimates' worth of steps.
+
+    Returns ``llc``, ``se``, ``rhat``, ``step_size``, ``localization``, ``nbeta`` of the
+    estimate, and for ``"longer"`` and ``"half_step"`` a dict with the other ``llc`` and
+    ``se``, ``change`` (Δλ̂/λ̂), ``bound`` (the allowed |change|) and ``stable``.
+    """
+    from devinterp.llc.estimate import estimate_llc  # estimate imports this module
+
+    base = estimate_llc(model, data, loss_fn, **options)
+    s = base.settings
+    fixed = {**options, "step_size": s["step_size"], "nbeta": s["nbeta"],
+             "localization": s["localization"], "num_burnin": s["num_burnin"]}
+    variants = {
+        "longer": {**fixed, "num_draws": 4 * s["num_draws"], "num_burnin": 4 * s["num_burnin"]},
+        "half_step": {**fixed, "step_size": s["step_size"] / 2},
+    }
+    se = float(base.diagnostics["llc_se"])
+    out: dict[str, Any] = {"llc": base.llc_mean, "se": se, "rhat": base.diagnostics["rhat"],
+                           "step_size": s["step_size"], "localization": s["localization"],
+                           "nbeta": s["nbeta"]}
+    for name, opts in variants.items():
+        other = estimate_llc(model, data, loss_fn, **opts)
+        o_se = float(other.diagnostics["llc_se"])
+        scale = abs(base.llc_mean) or 1.0
+        bound = STABLE_REL + STABLE_SE * math.hypot(se, o_se) / scale
+        change = (other.llc_mean - base.llc_mean) / scale
+        out[name] = {"llc": other.llc_mean, "se": o_se, "change": change, "bound": bound,
+                     "stable": bool(abs(change) < bound)}
+    return out
