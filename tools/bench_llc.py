@@ -8,6 +8,11 @@ one run, so it can be compared across machines.
     python tools/bench_llc.py --skip-speed --step-scale 2   # why the auto step is not larger
     python tools/bench_llc.py --transformer   # the two transformers at a trained checkpoint
     python tools/bench_llc.py --transformer --checkpoint icl=run/last.ckpt   # a given snapshot
+    python tools/bench_llc.py --criteria      # only the convergence criteria (issue 12)
+
+``--transformer`` ends with the convergence criteria at all defaults on an attention-only
+transformer and the grokking MLP: split R-hat, and λ̂'s relative change when the same settings
+run 4x longer and when ε is halved, each against its bound 5 % + 2 standard errors.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 from torch import nn
 
 from devinterp import LLCResult, estimate_llc
+from devinterp.llc.calibration import check_stability
 from devinterp.llc.data import LossFn
 from devinterp.models import (
     SeparableSum,
@@ -361,6 +367,69 @@ def transformer_speed(name: str, model: nn.Module, llc: dict, origin: str,
           f"{rows[2][1][1]:.3f} s (batch_loss)")
 
 
+def trained_grokking_mlp(steps: int, quick: bool) -> tuple[nn.Module, str]:
+    """The MLP of configs/modular_addition.yaml (p = 23, a quarter of the widths with
+    ``quick``) after ``steps`` full-batch AdamW steps, as that config trains it."""
+    from experiments.modular_addition import ModularAdditionMLP
+
+    torch.manual_seed(0)
+    sizes = dict(modulus=23, embed_dim=16, hidden_dim=32) if quick else {}
+    model = ModularAdditionMLP(lr=3e-3, weight_decay=1.0, **sizes)
+    x, y = model.train_dataset.tensors
+    opt = model.configure_optimizers()
+    for _ in range(steps):
+        loss = model.loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), f"{steps} full-batch AdamW steps, train loss {loss.item():.2g}"
+
+
+def trained_attention_lm(steps: int, quick: bool) -> tuple[nn.Module, str]:
+    """A small attention-only induction LM (the model of configs/induction_lm.yaml at width
+    16, context 48, 1,024 sequences; width 8 and 256 with ``quick``) after ``steps`` Adam
+    steps: the config's size is too slow for six default estimates on a CPU."""
+    from experiments.induction_lm import InductionLM
+
+    torch.manual_seed(0)
+    model = InductionLM(vocab_size=32, seq_len=48, width=8 if quick else 16,
+                        num_samples=256 if quick else 1024, lr=3e-3)
+    x, y = model.train_dataset.tensors
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (32,), generator=g)
+        loss = model.loss_fn(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), f"{steps} Adam steps, train loss {loss.item():.3g}"
+
+
+def criteria(device: torch.device, quick: bool) -> None:
+    """Issue 12's convergence criteria at all defaults on both models (see
+    :func:`devinterp.llc.calibration.check_stability`)."""
+    draws = {"num_draws": 100} if quick else {}
+    print(f"\nConvergence at all defaults ({'100 draws, ' if quick else ''}pass: R-hat <= 1.1, "
+          "|change| < bound = 5 % + 2 se):")
+    models = [("attention-only LM", *trained_attention_lm(20 if quick else 400, quick)),
+              ("grokking MLP", *trained_grokking_mlp(100 if quick else 3000, quick))]
+    for name, model, origin in models:
+        x, y = (t.to(device) for t in model.train_dataset.tensors)
+        t0 = time.perf_counter()
+        c = check_stability(model.to(device), (x, y), model.loss_fn, device=device, **draws)
+        d = sum(p.numel() for p in model.parameters())
+        print(f"  {name} ({d:,} parameters, {origin}): λ̂ = {c['llc']:.4g} ± {c['se']:.2g}, "
+              f"eps = {c['step_size']:.3g}, γ = {c['localization']:g}, nβ = {c['nbeta']:.4g}, "
+              f"{time.perf_counter() - t0:.0f} s")
+        print(f"    split R-hat (defaults)      {c['rhat']:6.3f}   "
+              f"{'pass' if c['rhat'] <= 1.1 else 'FAIL'}")
+        for key, label in (("longer", "4x longer"), ("half_step", "eps / 2")):
+            v = c[key]
+            print(f"    relative change, {label:<10} {v['change']:+7.1%}   bound {v['bound']:6.1%}"
+                  f"   {'pass' if v['stable'] else 'FAIL'}   (λ̂ = {v['llc']:.4g} ± {v['se']:.2g})")
+
+
 def _baseline_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn,
                       batch: int, steps: int) -> float:
     """Seconds per minibatch loss at w* without gradient: the paired baseline's cost."""
@@ -390,6 +459,10 @@ def main() -> None:
                    help="estimator vs bare loops on the in-context regression transformer and "
                         "the induction LM at a trained checkpoint (8 chains), instead of the "
                         "MLPs and the accuracy table")
+    p.add_argument("--criteria", action="store_true",
+                   help="only the convergence criteria at all defaults (printed at the end of "
+                        "--transformer): R-hat, 4x longer, eps / 2 on an attention-only LM and "
+                        "the grokking MLP")
     p.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=PATH",
                    help="with --transformer: time MODEL (icl or induction) at this snapshot "
                         "(Lightning .ckpt or state dict) instead of training it here")
@@ -399,6 +472,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     draws = 50 if args.quick else 200
+    if args.criteria:
+        criteria(device, args.quick)
+        return
     if args.transformer:
         snapshots = {}
         for item in args.checkpoint:
@@ -417,6 +493,7 @@ def main() -> None:
             # estimator pays a forward per step); 32-step windows hold one MALA check each.
             transformer_speed(TRANSFORMERS[key][0], *loaded, device, 8,
                               *((4, 2) if args.quick else (128, 32)))
+        criteria(device, args.quick)
         return
     if not args.skip_speed:
         speed("~10k-parameter MLP", [32, 128, 64, 10], device, 4, draws, 256)
