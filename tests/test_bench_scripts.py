@@ -76,6 +76,14 @@ def test_bench_llc_transformer_quick_prints_ratios_for_both_models() -> None:
     r = ratios(text)
     assert len(r) == 6 and all(0.05 < x < 20 for x in r), r  # 3 estimator paths x 2 models
     assert text.count("one forward at w* (the baseline)") == 2
+    # issue 12's three convergence figures, for the attention-only LM and the grokking MLP
+    criteria = text.split("Convergence at all defaults")[1]
+    assert "attention-only LM" in criteria and "grokking MLP" in criteria
+    for label in ("split R-hat (defaults)", "relative change, 4x longer",
+                  "relative change, eps / 2"):
+        assert criteria.count(label) == 2, label
+    rhats = [float(v) for v in re.findall(r"split R-hat \(defaults\)\s+([0-9.]+)", criteria)]
+    assert all(0.9 < v < 10 for v in rhats), rhats
 
 
 def import_bench_llc():

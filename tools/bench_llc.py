@@ -387,13 +387,15 @@ def trained_grokking_mlp(steps: int, quick: bool) -> tuple[nn.Module, str]:
 
 def trained_attention_lm(steps: int, quick: bool) -> tuple[nn.Module, str]:
     """A small attention-only induction LM (the model of configs/induction_lm.yaml at width
-    16, context 48, 1,024 sequences; width 8 and 256 with ``quick``) after ``steps`` Adam
-    steps: the config's size is too slow for six default estimates on a CPU."""
+    16, 16 tokens, context 24, 256 sequences; with ``quick`` width 8, context 12, 128
+    sequences) after ``steps`` Adam steps: the config's size is too slow for six default
+    estimates on a CPU."""
     from experiments.induction_lm import InductionLM
 
     torch.manual_seed(0)
-    model = InductionLM(vocab_size=32, seq_len=48, width=8 if quick else 16,
-                        num_samples=256 if quick else 1024, lr=3e-3)
+    sizes = (dict(vocab_size=16, seq_len=12, copy_len=2, width=8, num_samples=128) if quick
+             else dict(vocab_size=16, seq_len=24, copy_len=4, width=16, num_samples=256))
+    model = InductionLM(lr=3e-3, **sizes)
     x, y = model.train_dataset.tensors
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
@@ -412,8 +414,8 @@ def criteria(device: torch.device, quick: bool) -> None:
     draws = {"num_draws": 100} if quick else {}
     print(f"\nConvergence at all defaults ({'100 draws, ' if quick else ''}pass: R-hat <= 1.1, "
           "|change| < bound = 5 % + 2 se):")
-    models = [("attention-only LM", *trained_attention_lm(20 if quick else 400, quick)),
-              ("grokking MLP", *trained_grokking_mlp(100 if quick else 3000, quick))]
+    models = [("attention-only LM", *trained_attention_lm(200 if quick else 400, quick)),
+              ("grokking MLP", *trained_grokking_mlp(1500 if quick else 3000, quick))]
     for name, model, origin in models:
         x, y = (t.to(device) for t in model.train_dataset.tensors)
         t0 = time.perf_counter()
