@@ -99,8 +99,9 @@ def _attention_lm() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     return model.eval(), (x, y)
 
 
-#: Why the defaults do not converge yet on these models (measured at 4 chains x 100 draws: split
-#: R-hat 1.64 on the grokking MLP, 1.79 on the attention-only LM). The attention LM's chains are
+#: Why the defaults do not converge yet on these models (measured at 100 draws: split R-hat 1.64
+#: on this grokking MLP at 4 chains, 1.84 on this attention-only LM at 8 chains, by
+#: ``tools/bench_llc.py --criteria --quick``). The attention LM's chains are
 #: still spreading into the flat directions (‖w − w*‖² grows through the draws); the grokking
 #: MLP's w* is not a minimum of the train loss (its gradient points along −w*: scaling the
 #: weights up lowers the loss), so the chains drift outward as long as they run. Strict: the
