@@ -101,3 +101,20 @@ def trainer(tmp_path, callbacks=(), **kwargs) -> pl.Trainer:
     )
     defaults.update(kwargs)
     return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+def least_squares(n: int, d: int = 6, *, seed: int = 0, noise: float = 0.3, bias: bool = True
+                  ) -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
+    """A linear model at the least-squares point of noisy linear data: a regular minimum, so
+    with ½·squared error (unit-variance noise) λ = (d + bias)/2 exactly."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, 1, generator=g) + noise * torch.randn(n, 1, generator=g)
+    model = nn.Linear(d, 1, bias=bias)
+    design = torch.cat([x, torch.ones(n, 1)], 1) if bias else x
+    solution = torch.linalg.lstsq(design, y).solution
+    with torch.no_grad():
+        model.weight.copy_(solution[:d].T)
+        if bias:
+            model.bias.copy_(solution[d])
+    return model, (x, y)

@@ -6,21 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from llc_models import least_squares
 from torch import nn
 
 from devinterp import estimate_llc
 from devinterp.config import AUTO_DRAWS, AUTO_ESS, AUTO_RHAT, SamplerConfig
 
 
-def regression(n: int = 256, d: int = 4, seed: int = 0):
-    """A linear model at its least-squares point: λ = d/2 exactly (½·squared error)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    y = x @ torch.randn(d, 1, generator=g) + 0.5 * torch.randn(n, 1, generator=g)
-    model = nn.Linear(d, 1, bias=False)
-    with torch.no_grad():
-        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
-    return model, (x, y)
+def regression() -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
+    """A linear model at its least-squares point: λ = d/2 = 2 exactly (½·squared error)."""
+    return least_squares(256, 4, noise=0.5, bias=False)
 
 
 def half_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

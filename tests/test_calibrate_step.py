@@ -3,21 +3,14 @@ is near a minimum (what run-level calibration needs to pick its checkpoints)."""
 
 import pytest
 import torch
+from llc_models import least_squares
 from torch import nn
 
 from devinterp.llc import calibrate_step_size, estimate_llc
 
 
 def _regression(seed: int = 0) -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(512, 6, generator=g)
-    y = x @ torch.randn(6, 1, generator=g) + 0.3 * torch.randn(512, 1, generator=g)
-    model = nn.Linear(6, 1)
-    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(512, 1)], 1), y).solution
-    with torch.no_grad():
-        model.weight.copy_(solution[:6].T)
-        model.bias.copy_(solution[6])
-    return model, (x, y)
+    return least_squares(512, seed=seed)
 
 
 def _half_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

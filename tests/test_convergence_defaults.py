@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from llc_models import least_squares
 from torch import nn
 
 from devinterp.llc.calibration import STABLE_REL, STABLE_SE, check_stability
@@ -20,15 +21,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 def _regression() -> tuple[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
     """Least squares on noisy linear data: a regular minimum, λ = d/2 = 3.5."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2000, 6, generator=g)
-    y = x @ torch.randn(6, 1, generator=g) + 0.3 * torch.randn(2000, 1, generator=g)
-    model = nn.Linear(6, 1)
-    solution = torch.linalg.lstsq(torch.cat([x, torch.ones(2000, 1)], 1), y).solution
-    with torch.no_grad():
-        model.weight.copy_(solution[:6].T)
-        model.bias.copy_(solution[6])
-    return model, (x, y)
+    return least_squares(2000)
 
 
 def _half_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,26 @@ from devinterp.run.store import LLC_FILE, TRACE_DIR
 from devinterp.tracking import chain_range
 
 
+def ddp_fit(tmp_path, callback: LLCCallback) -> None:
+    """Train Tiny for 4 steps on two CPU processes (ddp_spawn, gloo) with ``callback``."""
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=4, logger=False,
+               enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, default_root_dir=tmp_path,
+               callbacks=[callback]).fit(Tiny())
+
+
+def estimate_copy(tmp_path, run_dir):
+    """The run's snapshots (and calibration.json) copied without its rows, estimated in one
+    process: what a single-process run with the same settings writes."""
+    single = tmp_path / "single"
+    shutil.copytree(run_dir, single)
+    (single / LLC_FILE).unlink()
+    shutil.rmtree(single / TRACE_DIR)
+    estimate_run(single, progress=False)
+    return single
+
+
 def test_chain_range_splits_chains_without_overlap():
     for chains in range(1, 9):
         for world in range(1, 5):
@@ -32,25 +52,14 @@ def test_chain_range_splits_chains_without_overlap():
 def test_ddp_spawn_two_cpu_processes_matches_one_process(tmp_path):
     settings = {**FAST, "num_chains": 3}  # rank 0 runs chains 0-1, rank 1 runs chain 2
     run_dir = tmp_path / "ddp"
-    cb = LLCCallback(run_dir, every_n_train_steps=2, progress=False, **settings)
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=4, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[cb],
-    )
-    trainer.fit(Tiny())
+    ddp_fit(tmp_path, LLCCallback(run_dir, every_n_train_steps=2, progress=False, **settings))
     ddp = load_run(run_dir)
     assert ddp.llc["step"].tolist() == [0, 2, 4] and (ddp.llc["status"] == "ok").all()
     assert (ddp.llc["num_chains"] == 3).all()
     assert ddp.trace(2).shape == (3, FAST["num_draws"])
 
     # The same snapshots estimated in one process with the same seed: the same numbers.
-    single = tmp_path / "single"
-    shutil.copytree(run_dir, single)
-    (single / LLC_FILE).unlink()
-    shutil.rmtree(single / TRACE_DIR)
-    estimate_run(single, progress=False)
+    single = estimate_copy(tmp_path, run_dir)
     one = load_run(single)
     numeric = ["llc_mean", "llc_std", "init_loss", "mala_acceptance", "nbeta", "step_size"]
     pd.testing.assert_frame_equal(ddp.llc[["step", *numeric]], one.llc[["step", *numeric]],
@@ -67,23 +76,12 @@ def test_ddp_run_calibration_holds_rank_zeros_step_on_every_rank(tmp_path):
     settings = {key: value for key, value in FAST.items() if key != "step_size"}
     settings["num_chains"] = 3
     run_dir = tmp_path / "ddp"
-    cb = LLCCallback(run_dir, every_n_train_steps=2, progress=False, **settings)
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_steps=4, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[cb],
-    )
-    trainer.fit(Tiny())
+    ddp_fit(tmp_path, LLCCallback(run_dir, every_n_train_steps=2, progress=False, **settings))
     ddp = load_run(run_dir)
     (entry,) = ddp.calibration.values()
     assert ddp.llc["step"].tolist() == [0, 2, 4] and (ddp.llc["status"] == "ok").all()
     assert (ddp.llc["step_size"] == entry["step_size"]).all()
-    single = tmp_path / "single"
-    shutil.copytree(run_dir, single)
-    (single / LLC_FILE).unlink()
-    shutil.rmtree(single / TRACE_DIR)
-    estimate_run(single, progress=False)  # reuses calibration.json: the run's settings
+    single = estimate_copy(tmp_path, run_dir)  # reuses calibration.json: the run's settings
     one = load_run(single)
     numeric = ["llc_mean", "llc_std", "step_size", "nbeta"]
     pd.testing.assert_frame_equal(ddp.llc[["step", *numeric]], one.llc[["step", *numeric]],
