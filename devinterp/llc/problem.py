@@ -7,7 +7,8 @@ import contextlib
 import fnmatch
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -49,6 +50,9 @@ class Problem:
     source: TensorBatches | LoaderBatches
     device: torch.device
     baseline_cache: Tensor | None = None  # per-sample losses at w*, when the loss is a mean
+    # Where ``loss`` writes each tensor, per key order of its ``params`` (see ``_slots``).
+    _slot_cache: dict[tuple[str, ...], _Slots | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.has_rnn = any(isinstance(m, nn.RNNBase) for m in self.model.modules())
@@ -62,12 +66,27 @@ class Problem:
     def loss(self, params: dict[str, Tensor], batch: Any) -> Tensor:
         """The batch loss with the model's weights replaced by ``params`` for the whole call,
         so a ``batch_loss`` may run the model, any of its submodules or methods (e.g. a
-        LightningModule's ``training_step``) and every use of a tied tensor moves together."""
-        with at_weights(self.model, {**self.consts, **params}), self._rnn_backward_allowed():
-            if self.batch_loss is not None:
-                return self.batch_loss(self.model, batch)
-            inputs, targets = batch
-            return self.loss_fn(self.model(inputs), targets)
+        LightningModule's ``training_step``) and every use of a tied tensor moves together.
+
+        It runs once per chain chunk and step, so the substitution is the one
+        :func:`at_weights` makes, with where each tensor goes worked out once per problem
+        (:func:`_slots`) instead of at every call."""
+        keys = tuple(params)
+        slots = self._slot_cache.get(keys, _UNSET)
+        if slots is _UNSET:
+            slots = self._slot_cache[keys] = _slots(self.model, self.consts, keys)
+        if slots is None:  # names at_weights resolves otherwise, or rejects: let it
+            swap = at_weights(self.model, {**self.consts, **params})
+        else:
+            swap = _swapped(slots, params)
+        with swap, self._rnn_backward_allowed():
+            return self._evaluate(batch)
+
+    def _evaluate(self, batch: Any) -> Tensor:
+        if self.batch_loss is not None:
+            return self.batch_loss(self.model, batch)
+        inputs, targets = batch
+        return self.loss_fn(self.model(inputs), targets)
 
     def _rnn_backward_allowed(self) -> contextlib.AbstractContextManager:
         """cuDNN refuses an RNN's backward in eval mode (the mode sampling runs in), so on
@@ -81,6 +100,66 @@ class Problem:
         """The model's outputs at w* (for the per-sample baseline cache)."""
         with at_weights(self.model, {**self.consts, **self.anchor}):
             return self.model(inputs)
+
+
+#: (owner dict, key in it, tensor or the name in ``params`` of the tensor to put there)
+_Slots = tuple[tuple[tuple[dict, str, Tensor], ...], tuple[tuple[dict, str, str], ...]]
+_UNSET: Any = object()
+
+
+def _slots(model: nn.Module, consts: Mapping[str, Tensor], keys: tuple[str, ...]
+           ) -> _Slots | None:
+    """Where :func:`at_weights` puts each tensor of ``{**consts, **params}`` (``keys``: the
+    names in ``params``): the ``_parameters`` or ``_buffers`` entry of every name the tensor is
+    registered under, tied aliases included; constants resolved to their tensor. None when a
+    name is not a registered parameter or buffer, or two given names are one tied tensor:
+    then ``at_weights`` itself handles (or rejects) the call."""
+    names: dict[int, list[str]] = {}
+    for name, t in chain(model.named_parameters(remove_duplicate=False),
+                         model.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
+    tied = {n: group for group in names.values() for n in group}
+    given = {**dict.fromkeys(consts), **dict.fromkeys(keys)}
+    const_slots, param_slots, seen = [], [], set()
+    for name in given:
+        for target in tied.get(name, [name]):
+            if target != name and target in given:
+                return None
+            prefix, _, attr = target.rpartition(".")
+            try:
+                owner = model.get_submodule(prefix)
+            except AttributeError:
+                return None
+            table = (owner._parameters if attr in owner._parameters
+                     else owner._buffers if attr in owner._buffers else None)
+            if table is None:
+                return None
+            if (id(table), attr) in seen:  # a module registered under two names
+                continue
+            seen.add((id(table), attr))
+            if name in keys:
+                param_slots.append((table, attr, name))
+            else:
+                const_slots.append((table, attr, consts[name]))
+    return tuple(const_slots), tuple(param_slots)
+
+
+@contextlib.contextmanager
+def _swapped(slots: _Slots, params: Mapping[str, Tensor]):
+    """Inside the block, every slot holds its tensor; afterwards what it held before."""
+    const_slots, param_slots = slots
+    done: list[tuple[dict, str, Any]] = []
+    try:
+        for table, attr, tensor in const_slots:
+            done.append((table, attr, table[attr]))
+            table[attr] = tensor
+        for table, attr, name in param_slots:
+            done.append((table, attr, table[attr]))
+            table[attr] = params[name]
+        yield
+    finally:
+        for table, attr, old in reversed(done):
+            table[attr] = old
 
 
 def parameter_aliases(model: nn.Module) -> dict[str, str]:
