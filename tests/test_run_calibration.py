@@ -214,3 +214,27 @@ def test_posthoc_component_curves_use_the_run_step(tmp_path):
     # The λ̂ curve estimated afterwards holds the same step.
     estimate_run(tmp_path / "run", progress=False, **SMALL)
     assert (load_run(tmp_path / "run").llc["step_size"] == entry["step_size"]).all()
+
+
+def test_a_checkpoint_whose_draws_fall_below_the_baseline_does_not_set_the_run_step(
+        tmp_path, monkeypatch):
+    """Short pilot chains can miss a slow way down (a saddle at a small initialization): the
+    checkpoint's own estimate must confirm it is near a minimum, or the settings are dropped
+    and a later checkpoint is tried."""
+    real = RunCalibration.probe
+
+    def fooled(self, *args, **kwargs):
+        return {**real(self, *args, **kwargs), "near_minimum": True}  # every pilot fooled
+
+    monkeypatch.setattr(RunCalibration, "probe", fooled)
+    fit(tmp_path, [LLCCallback(tmp_path / "run", every_n_train_steps=10, progress=False,
+                               **SMALL)])
+    run = load_run(tmp_path / "run")
+    entry = entry_of(run)
+    rejected = [a for a in entry["attempts"] if a.get("reason")]
+    assert rejected and rejected[0]["step"] == 0  # the initialization is no minimum
+    chosen = entry["calibrated_on"][-1]["step"]
+    rows = run.llc.set_index("step")
+    assert rows.loc[chosen, "frac_below_baseline"] <= 0.3
+    assert all(rows.loc[a["step"], "frac_below_baseline"] > 0.3 for a in rejected)
+    assert (run.llc["step_size"] == entry["step_size"]).all()

@@ -184,9 +184,12 @@ class RunCalibration:
                 return None
             return self.fix(probes, "early and last checkpoints", locked=True)
 
-    def forget(self) -> None:
-        """Drop this run's settings (a forced re-estimate chooses them again)."""
+    def forget(self, *, write: bool = True) -> None:
+        """Drop this run's settings (a forced re-estimate chooses them again); ``write``: also
+        from ``calibration.json``."""
         self._entry = None
+        if not write:
+            return
         with self.store.lock():
             doc = self.store.read_json(CALIBRATION_FILE, {}) or {}
             if isinstance(doc, dict) and doc.pop(self.key, None) is not None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from devinterp.config import SamplerConfig
+from devinterp.llc.calibration import NEAR_MINIMUM_BELOW
 from devinterp.run.store import LLC_FILE, RunStore
 from devinterp.tracking.calibration import MAX_LOWERINGS, RunCalibration
 from devinterp.tracking.distributed import check_strategy, gather, merge
@@ -451,17 +452,49 @@ class LLCCallback(Callback):
             return
         cal = self._calibration
         if cal.active and not cal.calibrated:
-            if not self._calibrate_here(trainer, pl_module, step, train_loss):
+            outcomes = None
+            if self._calibrate_here(trainer, pl_module, step, train_loss):
+                outcomes = self._confirmed(trainer, pl_module, step, train_loss)
+            if outcomes is None:
                 self._pending.append((step, train_loss))
                 return
+            self._announce(trainer)
+            self._estimate_step(trainer, pl_module, step, train_loss, start, outcomes)
             self._estimate_pending(trainer, pl_module)
+            return
         self._estimate_step(trainer, pl_module, step, train_loss, start)
 
-    def _estimate_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
-                       train_loss: float | None, start: float) -> None:
-        """λ̂ (and influence, components) of the module's weights as they are now, with the
-        run's settings: a failure that says ε is too large halves it from here on."""
+    def _confirmed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                   train_loss: float | None) -> list[Any] | None:
+        """This checkpoint's estimate with the settings just chosen there, if its draws confirm
+        that it is near a minimum (the short pilot chains can miss a slow way down, e.g. from
+        a saddle at a small initialization); else the settings are dropped and None."""
         outcomes = self._estimate_on_ranks(trainer, pl_module, train_loss)
+        below = None
+        if trainer.is_global_zero:
+            result = merge(outcomes)
+            below = (None if isinstance(result, EstimateFailure)
+                     else float(result.diagnostics.get("frac_below_baseline", 1.0)))
+        below = trainer.strategy.broadcast(below, src=0)
+        if below is not None and below <= NEAR_MINIMUM_BELOW:
+            return outcomes
+        entry = self._calibration.record() or {}
+        self._attempts.append({
+            "step": int(step), "step_size": float(entry.get("step_size", math.nan)),
+            "near_minimum": False, "calibration_s": float(entry.get("calibration_s", 0.0)),
+            "reason": "the estimate's draws fall below L(w*)" if below is not None
+            else "the estimate failed"})
+        self._calibration.forget(write=trainer.is_global_zero)
+        return None
+
+    def _estimate_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int,
+                       train_loss: float | None, start: float,
+                       outcomes: list[Any] | None = None) -> None:
+        """λ̂ (and influence, components) of the module's weights as they are now, with the
+        run's settings (``outcomes``: this step's estimate, when already run): a failure that
+        says ε is too large halves it from here on."""
+        if outcomes is None:
+            outcomes = self._estimate_on_ranks(trainer, pl_module, train_loss)
         lowered = False
         cal = self._calibration
         if cal.active and cal.calibrated:
@@ -514,13 +547,18 @@ class LLCCallback(Callback):
             return False
         how = "first checkpoint near a minimum" if probe.get("near_minimum") else (
             "last checkpoint (none was near a minimum)")
-        entry = self._calibration.fix({step: probe}, how, attempts=self._attempts,
-                                      write=trainer.is_global_zero)
-        if self.progress and trainer.is_global_zero:
-            self._print(f"LLC: run settings ε = {entry['step_size']:.4g}, nβ = "
-                        f"{entry['nbeta']:.4g} (calibrated at step {step}, the {how}); held "
-                        "for every checkpoint")
+        self._calibration.fix({step: probe}, how, attempts=self._attempts,
+                              write=trainer.is_global_zero)
         return True
+
+    def _announce(self, trainer: pl.Trainer) -> None:
+        """One line saying which settings the run holds, and where they were chosen."""
+        entry = self._calibration.record()
+        if self.progress and trainer.is_global_zero and entry is not None:
+            self._print(f"LLC: run settings ε = {entry['step_size']:.4g}, nβ = "
+                        f"{entry['nbeta']:.4g} (calibrated at step "
+                        f"{entry['calibrated_on'][-1]['step']}: {entry['rule']}); held for "
+                        "every checkpoint")
 
     def _estimate_pending(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Estimate the checkpoints that waited for the run's settings, each from its snapshot
@@ -563,7 +601,9 @@ class LLCCallback(Callback):
         except Exception as e:  # noqa: BLE001 - the rows say what failed
             self._calibration.failed_reason = first_line(e)
             ok = False
-        if not ok:
+        if ok:
+            self._announce(trainer)
+        else:
             self._warn_once("uncalibrated", (
                 "LLCCallback: the run's step size could not be calibrated "
                 f"({self._calibration.failed_reason or 'no checkpoint'}); each waiting "
