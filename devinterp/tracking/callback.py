@@ -429,6 +429,10 @@ class LLCCallback(Callback):
                 with self._contained("component_stages", "detect the components' stages"):
                     detect_component_stages(self._store)
             attach_dashboard(trainer.loggers, self._store, self._warn_once)
+        if trainer.world_size > 1:
+            # Every rank leaves together: a rank that tears its process group down while global
+            # rank 0 still writes the stages aborted the run under ddp_spawn (gloo).
+            trainer.strategy.barrier("llc_train_end")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
